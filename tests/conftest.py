@@ -1,0 +1,39 @@
+"""Shared test helpers: run a script as a user would, and find real data."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Tests run on the CPU with few threads: small and repeatable.
+ENV = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
+
+
+def run(args, timeout=600, check=True):
+    """Run `python args...` in the repository root; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def torchrun(nproc, args, timeout=600, check=True):
+    """Run a script under torchrun with `nproc` CPU processes (gloo)."""
+    return run(["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0", *args],
+               timeout=timeout, check=check)
+
+
+@pytest.fixture
+def cifar10_dir():
+    """Folder holding the real cifar-10-batches-py: $SSL_DATA_DIR or ./data.
+    Skips without it, unless SSL_REQUIRE_DATA=1 (set by CI) makes that a failure."""
+    root = os.environ.get("SSL_DATA_DIR", os.path.join(ROOT, "data"))
+    if os.path.isfile(os.path.join(root, "cifar-10-batches-py", "test_batch")):
+        return root
+    message = f"real CIFAR-10 not found in {root}/cifar-10-batches-py (set SSL_DATA_DIR or fetch it into ./data)"
+    if os.environ.get("SSL_REQUIRE_DATA") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
