@@ -230,6 +230,8 @@ def _cifar(name, root, train, download):
     images, labels = [], []
     for f in files[0 if train else 1]:
         entry = _unpickle(os.path.join(path, f))
+        if isinstance(entry, dict):
+            entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
         if not isinstance(entry, dict) or "data" not in entry or key not in entry:
             fail(f"{os.path.join(path, f)} is not a {name} batch (no data/labels entries)")
         images.append(np.asarray(entry["data"]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
@@ -676,13 +678,31 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(fctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(fctx, grad):
+        # Every rank computed the same loss from the gathered batch, so the
+        # gradient of the sum over ranks is the all-reduced gradient; keep our slice.
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
 def gather_with_grad(x):
-    """Concatenate x [n, ...] from all processes in rank order -> [world*n, ...],
-    keeping the graph: the backward pass sums each rank's gradient for x, so
-    a loss computed identically on every rank gives DDP the one-process gradient."""
+    """Concatenate x [n, ...] (same n on every rank) from all processes in rank
+    order -> [world*n, ...], keeping the graph. With the same loss computed on
+    every rank, each rank's x receives world x its one-process gradient, which
+    DDP's gradient averaging divides back: the one-process update exactly."""
     if world_size() == 1:
         return x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 @torch.no_grad()

@@ -192,7 +192,7 @@ def main(argv=None):
         if ctx.main:
             common.save_run(args, model, model.backbone, optimizer, scaler, step, epoch)
             common.log_json(os.path.join(args.out, "log.jsonl"), record)
-            print(f"epoch {epoch + 1} done: loss {loss:.4f}"
+            print(f"epoch {epoch + 1} {'done' if record['complete'] else 'saved mid-way'}: loss {loss:.4f}"
                   + (f", kNN top-1 {record['knn_top1']:.2f}" if "knn_top1" in record else ""), flush=True)
         if stopped:
             if ctx.main:

@@ -22,7 +22,7 @@ def run(args, timeout=600, check=True):
 
 def torchrun(nproc, args, timeout=600, check=True):
     """Run a script under torchrun with `nproc` CPU processes (gloo)."""
-    return run(["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0", *args],
+    return run(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
                timeout=timeout, check=check)
 
 
