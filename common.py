@@ -234,8 +234,13 @@ def _cifar(name, root, train, download):
             entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
         if not isinstance(entry, dict) or "data" not in entry or key not in entry:
             fail(f"{os.path.join(path, f)} is not a {name} batch (no data/labels entries)")
-        images.append(np.asarray(entry["data"]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.extend(entry[key])
+        data, batch_labels = np.asarray(entry["data"]), np.asarray(entry[key])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            fail(f"{os.path.join(path, f)} does not hold {name} images: expected uint8 [N, 3072], got {data.dtype} {list(data.shape)}")
+        if batch_labels.ndim != 1 or not np.issubdtype(batch_labels.dtype, np.integer):
+            fail(f"{os.path.join(path, f)} has no integer label list under {key!r}")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # rows are 1024 R, 1024 G, 1024 B
+        labels.extend(batch_labels.tolist())
     images = np.concatenate(images)
     _check_arrays(name, images, labels, 32, classes, path)
     return ArrayDataset(images, labels)
@@ -281,16 +286,18 @@ def _stl10(root, split, download):
         _download(lambda: torchvision.datasets.STL10(root, split="train+unlabeled", download=True), "stl10", root)
     arrays, labels = [], []
     for p in parts:
-        x_path = os.path.join(path, f"{p}_X.bin")
-        if os.path.getsize(x_path) % (3 * 96 * 96):
-            fail(f"{x_path} is not an STL-10 image file: its size is not a multiple of 3x96x96 bytes")
+        x_path, y_path = os.path.join(path, f"{p}_X.bin"), os.path.join(path, f"{p}_y.bin")
+        if os.path.getsize(x_path) == 0 or os.path.getsize(x_path) % (3 * 96 * 96):
+            fail(f"{x_path} is not an STL-10 image file: its size is not a positive multiple of 3x96x96 bytes")
+        if p != "unlabeled" and not os.path.isfile(y_path):
+            fail(f"stl10 labels not found: {x_path} has no {y_path} beside it")
         x = np.memmap(x_path, dtype=np.uint8, mode="r").reshape(-1, 3, 96, 96)  # column-major [N, C, W, H]
         if p == "unlabeled":
             y = np.full(len(x), -1)
         else:
-            y = np.fromfile(os.path.join(path, f"{p}_y.bin"), dtype=np.uint8).astype(np.int64) - 1
+            y = np.fromfile(y_path, dtype=np.uint8).astype(np.int64) - 1
             if len(y) != len(x) or y.min() < 0 or y.max() > 9:
-                fail(f"{path}/{p}_y.bin does not match {x_path}: {len(y)} labels for {len(x)} images, or labels outside 1..10")
+                fail(f"{y_path} does not match {x_path}: {len(y)} labels for {len(x)} images, or labels outside 1..10")
         arrays.append(ArrayDataset(x, y, axes=(2, 1, 0)))
     return arrays[0] if len(arrays) == 1 else torch.utils.data.ConcatDataset(arrays)
 
@@ -338,8 +345,11 @@ def _tinyimagenet(root, train):
         return _image_folder("tinyimagenet", root, "val", hint)
     samples = []
     with open(notes) as f:
-        for line in f:
-            file, wnid = line.split("\t")[:2]
+        for line in filter(str.strip, f):
+            parts = line.split("\t")
+            if len(parts) < 2:
+                fail(f"{notes} has a line that is not 'file<TAB>wnid...': {line.strip()!r}")
+            file, wnid = parts[:2]
             if wnid not in train_set.class_to_idx:
                 fail(f"{notes} names class {wnid}, which train/ does not have")
             samples.append((os.path.join(root, "val", "images", file), train_set.class_to_idx[wnid]))
@@ -481,9 +491,16 @@ def train_loader(ds, transform, batch_size, workers, seed, ctx):
     sampler = TrainSampler(len(ds), batch_size, ctx.rank, ctx.world, seed)
     loader = torch.utils.data.DataLoader(
         SeededViews(ds, transform), batch_size=batch_size // ctx.world, sampler=sampler,
-        num_workers=workers, pin_memory=ctx.device.type == "cuda", drop_last=True,
+        num_workers=workers, pin_memory=ctx.device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
     return loader, sampler
+
+
+def ignore_stop_signals(worker_id=None):
+    """Loader workers leave Ctrl-C / SIGTERM to the main process, which saves a
+    checkpoint before stopping (a terminal sends SIGINT to every process)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------
@@ -858,7 +875,8 @@ def resume(args, model, optimizer, scaler, extra=None):
 
 
 def save_run(args, model, backbone, optimizer, scaler, step, epoch, extra=None):
-    """last.pt (everything needed to resume) and backbone.pt (the encoder alone, clean keys)."""
+    """last.pt (everything needed to resume; epoch = epochs completed) and
+    backbone.pt (the encoder alone, clean keys)."""
     backbone_state = clean_state_dict(backbone)
     ckpt = dict(method=args.method, epoch=epoch, step=step, args=vars(args), model=unwrap(model).state_dict(),
                 backbone=backbone_state, optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
@@ -967,7 +985,7 @@ def extract_features(backbone, ds, transform, ctx, data, batch_size=256, workers
     was_training = backbone.training
     backbone.eval()
     loader = torch.utils.data.DataLoader(SeededViews(torch.utils.data.Subset(ds, _shard(len(ds), ctx)), transform),
-                                         batch_size=batch_size, num_workers=workers,
+                                         batch_size=batch_size, num_workers=workers, worker_init_fn=ignore_stop_signals,
                                          sampler=[(i, 0) for i in range(len(_shard(len(ds), ctx)))])
     feats, labels = [], []
     for x, y in loader:

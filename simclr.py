@@ -171,7 +171,7 @@ def main(argv=None):
     stop_at = min(total_steps, args.max_steps or total_steps)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     lr_at = functools.partial(common.lr_at, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr)
-    progress, stop = common.Progress(total_steps, step, args.batch_size), common.StopSignal()
+    progress, stop = common.Progress(stop_at, step, args.batch_size), common.StopSignal()
     if ctx.main:
         print(f"simclr: {args.arch} on {args.data} ({len(pretrain_set)} images), {ctx.world} process(es) on {ctx.device}, "
               f"batch {args.batch_size}, lr {base_lr:.4g}, {steps_per_epoch} steps/epoch, from step {step}", flush=True)
@@ -190,7 +190,7 @@ def main(argv=None):
             record["knn_top1"] = common.knn_accuracy(model.backbone, train_set, test_set, common.num_classes(args.data, train_set),
                                                      ctx, args.image_size, args.data, workers=args.workers)
         if ctx.main:
-            common.save_run(args, model, model.backbone, optimizer, scaler, step, epoch)
+            common.save_run(args, model, model.backbone, optimizer, scaler, step, epoch=step // steps_per_epoch)
             common.log_json(os.path.join(args.out, "log.jsonl"), record)
             print(f"epoch {epoch + 1} {'done' if record['complete'] else 'saved mid-way'}: loss {loss:.4f}"
                   + (f", kNN top-1 {record['knn_top1']:.2f}" if "knn_top1" in record else ""), flush=True)

@@ -1,0 +1,384 @@
+"""View recipes and augmentations (SPEC 3.1, 3.3, 3.5 and 4): SimCLR's views,
+normalisation, the evaluation transform, seeded views, the jigsaw, CLSA's
+stronger augmentation and the AutoAugment / RandAugment wrappers."""
+import argparse
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+import common
+import simclr
+
+
+def noise_image(w, h, seed=0, mode="RGB"):
+    g = np.random.default_rng(seed)
+    shape = (h, w, 3) if mode == "RGB" else (h, w)
+    return Image.fromarray(g.integers(0, 256, size=shape, dtype=np.uint8), mode)
+
+
+def flat_transforms(t):
+    """Every transform inside Compose / RandomApply, with the RandomApply
+    probability that gates it (1.0 when not gated)."""
+    out = []
+    if isinstance(t, T.Compose):
+        for s in t.transforms:
+            out += flat_transforms(s)
+    elif isinstance(t, T.RandomApply):
+        out.append((t, 1.0))
+        out += [(s, t.p) for s in t.transforms]
+    else:
+        out.append((t, 1.0))
+    return out
+
+
+@pytest.fixture
+def ctx():
+    state = torch.get_rng_state()
+    ctx = common.setup(argparse.Namespace(seed=0, amp="off"))
+    yield ctx
+    torch.set_rng_state(state)
+
+
+# ---------------------------------------------------------------------------
+# SimCLR views (SPEC 3.1)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data,side,img_side", [("cifar10", 32, 32), ("cifar10", 32, 48), ("imagenet", 224, 256)])
+def test_simclr_views_shape_dtype_and_differ(data, side, img_side):
+    """SimCLRViews gives two uint8 [3, S, S] tensors (S = 32 CIFAR, 224
+    ImageNet) that differ from each other."""
+    args = simclr.get_args(["--data", data])
+    assert args.image_size == side
+    views = simclr.SimCLRViews(args)
+    torch.manual_seed(0)
+    out = views(noise_image(img_side, img_side))
+    assert isinstance(out, (list, tuple)) and len(out) == 2
+    for v in out:
+        assert isinstance(v, torch.Tensor) and v.dtype == torch.uint8
+        assert v.shape == (3, side, side)
+        assert 0 <= int(v.min()) and int(v.max()) <= 255
+    assert not torch.equal(out[0], out[1])
+
+
+def test_simclr_cifar_recipe():
+    """CIFAR recipe (App. B.9): crop 0.08-1 at 32 px, flip, colour distortion
+    of strength 0.5 (ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8), grayscale
+    p=0.2, and no Gaussian blur."""
+    args = simclr.get_args(["--data", "cifar10"])
+    ops = flat_transforms(simclr.SimCLRViews(args).t)
+    kinds = [type(t) for t, _ in ops]
+    assert T.GaussianBlur not in kinds
+    crop = next(t for t, _ in ops if isinstance(t, T.RandomResizedCrop))
+    assert tuple(crop.size) == (32, 32) and tuple(crop.scale) == (0.08, 1.0)
+    assert T.RandomHorizontalFlip in kinds
+    jitter, p = next((t, p) for t, p in ops if isinstance(t, T.ColorJitter))
+    assert p == pytest.approx(0.8)
+    for name in ("brightness", "contrast", "saturation"):
+        assert tuple(getattr(jitter, name)) == pytest.approx((0.6, 1.4))
+    assert tuple(jitter.hue) == pytest.approx((-0.1, 0.1))
+    gray = next(t for t, _ in ops if isinstance(t, T.RandomGrayscale))
+    assert gray.p == pytest.approx(0.2)
+
+
+def test_simclr_imagenet_recipe():
+    """ImageNet recipe (App. A): strength 1.0 jitter and Gaussian blur with
+    p=0.5, an odd kernel of about 10% of the 224 px side, sigma 0.1-2.0."""
+    args = simclr.get_args(["--data", "imagenet"])
+    ops = flat_transforms(simclr.SimCLRViews(args).t)
+    blur, p = next((t, p) for t, p in ops if isinstance(t, T.GaussianBlur))
+    assert p == pytest.approx(0.5)
+    k = blur.kernel_size[0]
+    assert blur.kernel_size[0] == blur.kernel_size[1] and k % 2 == 1
+    assert abs(k - 22.4) <= 2
+    assert tuple(blur.sigma) == pytest.approx((0.1, 2.0))
+    jitter = next(t for t, _ in ops if isinstance(t, T.ColorJitter))
+    assert tuple(jitter.brightness) == pytest.approx((0.2, 1.8))
+    assert tuple(jitter.hue) == pytest.approx((-0.2, 0.2))
+
+
+# ---------------------------------------------------------------------------
+# Normalisation and the evaluation transform
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data", ["cifar10", "stl10", "imagenet"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_to_device_normalises_with_data_info(ctx, data, channels_last):
+    """to_device turns uint8 images into (x/255 - mean)/std with the data
+    set's DATA_INFO mean and std, per channel, as float32."""
+    x = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    info = common.DATA_INFO[data]
+    mean, std = torch.tensor(info["mean"]).view(1, 3, 1, 1), torch.tensor(info["std"]).view(1, 3, 1, 1)
+    expected = (x.double() / 255 - mean.double()) / std.double()
+    out = common.to_device(x, ctx, data, channels_last)
+    assert out.dtype == torch.float32 and out.shape == x.shape and out.device == ctx.device
+    torch.testing.assert_close(out.double().cpu(), expected, atol=1e-5, rtol=1e-5)
+    if channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_eval_transform_small_keeps_image():
+    """For CIFAR-size data eval_transform keeps a 32x32 image exactly (uint8
+    [3, 32, 32]) and resizes a larger one to 32x32."""
+    img = noise_image(32, 32)
+    out = common.eval_transform("cifar10", 32)(img)
+    assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
+    assert torch.equal(out, TF.pil_to_tensor(img))
+    assert common.eval_transform("stl10", 64)(noise_image(96, 96)).shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("data", ["imagenet", "folder"])
+def test_eval_transform_imagenet_resize_256_centre_crop_224(data):
+    """For ImageNet/folder eval_transform resizes the short side to 256 and
+    takes the central 224x224 crop (the standard protocol)."""
+    tf = common.eval_transform(data, 224)
+    resize = next(t for t in tf.transforms if isinstance(t, T.Resize))
+    assert resize.size in (256, [256], (256,))
+    img = noise_image(400, 300)
+    out = tf(img)
+    assert out.dtype == torch.uint8 and out.shape == (3, 224, 224)
+    by_hand = TF.center_crop(TF.resize(img, 256, interpolation=T.InterpolationMode.BICUBIC), 224)
+    assert torch.equal(out, TF.pil_to_tensor(by_hand))
+
+
+# ---------------------------------------------------------------------------
+# SeededViews
+# ---------------------------------------------------------------------------
+
+def seeded_dataset():
+    ds = [(noise_image(32, 32, seed=i), 10 + i) for i in range(3)]
+    tf = T.Compose([T.RandomResizedCrop(16), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4, 0.1), common.to_tensor])
+    return common.SeededViews(ds, tf)
+
+
+def test_seeded_views_repeatable_per_key():
+    """The same (index, seed) key gives identical views whatever was drawn
+    before; another seed gives other views; the label comes along."""
+    sv = seeded_dataset()
+    a, label = sv[(1, 123)]
+    torch.rand(100)
+    b, _ = sv[(1, 123)]
+    assert label == 11 and torch.equal(a, b)
+    others = [sv[(1, s)][0] for s in (124, 125, 126)]
+    assert all(not torch.equal(a, o) for o in others)
+    assert len(sv) == 3
+
+
+def test_seeded_views_restore_global_rng():
+    """Drawing a view leaves the global torch RNG where it was: the numbers
+    drawn after it equal those of an undisturbed sequence."""
+    sv = seeded_dataset()
+    torch.manual_seed(7)
+    ref = torch.rand(2), torch.rand(2)
+    torch.manual_seed(7)
+    first = torch.rand(2)
+    sv[(0, 5)]
+    sv[(2, 99)]
+    second = torch.rand(2)
+    assert torch.equal(first, ref[0]) and torch.equal(second, ref[1])
+
+
+# ---------------------------------------------------------------------------
+# Jigsaw (SPEC 3.5)
+# ---------------------------------------------------------------------------
+
+def tile_image(side, grid=4, border_seed=3):
+    """side x side RGB image: tile (i, j) of the grid has the constant colour
+    (16 i + j + 1, 200 - 10 j, 5 i); pixels beyond the last whole tile are noise."""
+    t = side // grid
+    x = np.asarray(noise_image(side, side, seed=border_seed)).copy()
+    for i in range(grid):
+        for j in range(grid):
+            x[i * t:(i + 1) * t, j * t:(j + 1) * t] = (16 * i + j + 1, 200 - 10 * j, 5 * i)
+    return Image.fromarray(x)
+
+
+def tiles_of(x, side, grid=4):
+    t = side // grid
+    return [x[i * t:(i + 1) * t, j * t:(j + 1) * t] for i in range(grid) for j in range(grid)]
+
+
+@pytest.mark.parametrize("side", [32, 34])
+def test_jigsaw_permutes_whole_tiles(side):
+    """Jigsaw(4) returns an image of the same size and mode whose 16 tiles
+    are the input's tiles, each intact, in some order; over several draws
+    the order is not always the identity; pixels beyond the last whole tile
+    (a side not divisible by 4) are unchanged."""
+    torch.manual_seed(0)
+    img = tile_image(side)
+    src = np.asarray(img)
+    colours = [tuple(t[0, 0]) for t in tiles_of(src, side)]
+    assert len(set(colours)) == 16
+    jig = common.Jigsaw(4)
+    orders = []
+    for _ in range(5):
+        out = jig(img)
+        assert isinstance(out, Image.Image) and out.size == img.size and out.mode == img.mode
+        y = np.asarray(out)
+        tiles = tiles_of(y, side)
+        for t in tiles:
+            assert (t == t[0, 0]).all()  # intact: one colour
+        got = [tuple(t[0, 0]) for t in tiles]
+        assert sorted(got) == sorted(colours)
+        orders.append([colours.index(c) for c in got])
+        cut = 4 * (side // 4)
+        assert np.array_equal(y[cut:], src[cut:]) and np.array_equal(y[:, cut:], src[:, cut:])
+    assert any(o != list(range(16)) for o in orders)
+    assert len({tuple(o) for o in orders}) > 1
+
+
+def test_jigsaw_keeps_grayscale_mode():
+    """A grayscale (mode L) image stays mode L with the same pixels in another order."""
+    torch.manual_seed(1)
+    img = noise_image(16, 16, mode="L")
+    out = common.Jigsaw(4)(img)
+    assert out.mode == "L" and out.size == (16, 16)
+    assert sorted(np.asarray(out).ravel()) == sorted(np.asarray(img).ravel())
+
+
+# ---------------------------------------------------------------------------
+# CLSA's stronger augmentation (SPEC 3.3, CLSA Table 1)
+# ---------------------------------------------------------------------------
+
+TABLE1 = {
+    "ShearX": (-0.3, 0.3), "ShearY": (-0.3, 0.3), "TranslateX": (-0.3, 0.3), "TranslateY": (-0.3, 0.3),
+    "Rotate": (-30, 30), "AutoContrast": None, "Invert": None, "Equalize": None, "Solarize": (0, 256),
+    "Posterize": (4, 8), "Contrast": (0.05, 0.95), "Color": (0.05, 0.95), "Brightness": (0.05, 0.95),
+    "Sharpness": (0.05, 0.95),
+}
+
+
+def test_strong_augment_defaults_and_draw_count(monkeypatch):
+    """StrongAugment() makes 5 draws with p=0.5: with p forced to 1 every
+    sample has exactly 5 ops, with p=0 none, and sample() makes one op
+    choice (torch.randint over the 14 ops) per draw."""
+    sa = common.StrongAugment()
+    assert sa.draws == 5 and sa.p == 0.5
+    torch.manual_seed(0)
+    sa.p = 1.0
+    assert all(len(sa.sample()) == 5 for _ in range(50))
+    sa.p = 0.0
+    assert all(sa.sample() == [] for _ in range(20))
+
+    calls, real = [], torch.randint
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randint", counting)
+    sa = common.StrongAugment()
+    torch.manual_seed(1)
+    for _ in range(20):
+        calls.clear()
+        sa.sample()
+        assert sum(1 for a in calls if a and a[0] == 14) == 5
+
+
+def test_strong_augment_mean_ops_is_binomial():
+    """With p=0.5 the number of applied ops is Binomial(5, 0.5): over 4000
+    samples its mean is 2.5 within 5 standard errors (sqrt(1.25/4000) = 0.018)
+    and its variance about 1.25."""
+    torch.manual_seed(0)
+    sa = common.StrongAugment()
+    counts = np.array([len(sa.sample()) for _ in range(4000)])
+    se = math.sqrt(1.25 / len(counts))
+    assert abs(counts.mean() - 2.5) < 5 * se
+    assert 1.0 < counts.var() < 1.5
+    assert counts.min() == 0 and counts.max() == 5
+
+
+def test_strong_augment_ops_and_magnitudes_follow_table1():
+    """Every sampled op is one of CLSA Table 1's 14, every magnitude lies in
+    its range (Posterize an integer 4..8, None for AutoContrast, Invert and
+    Equalize), all 14 ops are chosen about uniformly, and magnitudes spread
+    over their range."""
+    assert set(common.StrongAugment.OPS) == set(TABLE1)
+    torch.manual_seed(0)
+    sa = common.StrongAugment(p=1.0)
+    seen = {}
+    for _ in range(1400):
+        for name, v in sa.sample():
+            assert name in TABLE1
+            seen.setdefault(name, []).append(v)
+    assert set(seen) == set(TABLE1)
+    total = sum(len(v) for v in seen.values())
+    assert total == 7000
+    for name, values in seen.items():
+        assert abs(len(values) - total / 14) < 5 * math.sqrt(total / 14)  # uniform choice
+        span = TABLE1[name]
+        if span is None:
+            assert all(v is None for v in values)
+        elif name == "Posterize":
+            assert all(isinstance(v, int) for v in values)
+            assert set(values) == {4, 5, 6, 7, 8}
+        else:
+            lo, hi = span
+            assert all(lo <= v <= hi for v in values)
+            width = hi - lo
+            assert min(values) < lo + 0.1 * width and max(values) > hi - 0.1 * width
+
+
+@pytest.mark.parametrize("name", sorted(TABLE1))
+def test_strong_augment_each_op_runs(name):
+    """Each of the 14 ops maps a PIL RGB image to a PIL image of the same
+    size and mode at the ends and middle of its magnitude range."""
+    img = noise_image(40, 30)
+    fn, span = common.StrongAugment.OPS[name]
+    values = [None] if span is None else ([4, 6, 8] if name == "Posterize" else [span[0], (span[0] + span[1]) / 2, span[1]])
+    for v in values:
+        out = fn(img, v)
+        assert isinstance(out, Image.Image)
+        assert out.size == img.size and out.mode == "RGB"
+
+
+def test_strong_augment_op_effects():
+    """Spot checks of what the ops do: Invert is 255 - x, Solarize at 256 is
+    the identity and at 0 inverts everything, Posterize 8 is the identity,
+    Brightness 0.5 halves the pixels, Rotate 0 is the identity, and calling
+    StrongAugment returns an image of the input size."""
+    img = noise_image(24, 24)
+    x = np.asarray(img).astype(int)
+    ops = common.StrongAugment.OPS
+    assert np.array_equal(np.asarray(ops["Invert"][0](img, None)), 255 - x)
+    assert np.array_equal(np.asarray(ops["Solarize"][0](img, 256.0)), x)
+    assert np.array_equal(np.asarray(ops["Solarize"][0](img, 0.0)), 255 - x)
+    assert np.array_equal(np.asarray(ops["Posterize"][0](img, 8)), x)
+    assert np.abs(np.asarray(ops["Brightness"][0](img, 0.5)).astype(int) - x * 0.5).max() <= 1
+    assert np.array_equal(np.asarray(ops["Rotate"][0](img, 0.0)), x)
+    assert not np.array_equal(np.asarray(ops["ShearX"][0](img, 0.3)), x)
+    torch.manual_seed(0)
+    out = common.StrongAugment(p=1.0)(img)
+    assert isinstance(out, Image.Image) and out.size == img.size
+
+
+# ---------------------------------------------------------------------------
+# AutoAugment / RandAugment wrappers (SPEC 3.2, 3.5)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data,policy", [
+    ("svhn", T.AutoAugmentPolicy.SVHN), ("imagenet", T.AutoAugmentPolicy.IMAGENET),
+    ("folder", T.AutoAugmentPolicy.IMAGENET), ("cifar10", T.AutoAugmentPolicy.CIFAR10),
+    ("cifar100", T.AutoAugmentPolicy.CIFAR10), ("stl10", T.AutoAugmentPolicy.CIFAR10),
+    ("tinyimagenet", T.AutoAugmentPolicy.CIFAR10),
+])
+def test_autoaugment_policy_per_data_set(data, policy):
+    """autoaugment picks the published policy: SVHN for svhn, IMAGENET for
+    imagenet and folder, CIFAR10 for the other data sets."""
+    aa = common.autoaugment(data)
+    assert isinstance(aa, T.AutoAugment) and aa.policy == policy
+    out = aa(noise_image(32, 32))
+    assert isinstance(out, Image.Image) and out.size == (32, 32)
+
+
+def test_randaugment_settings():
+    """randaugment(2, 10) is torchvision's RandAugment with 2 ops at magnitude 10."""
+    ra = common.randaugment(2, 10)
+    assert isinstance(ra, T.RandAugment) and ra.num_ops == 2 and ra.magnitude == 10
+    ra = common.randaugment(3, 5)
+    assert ra.num_ops == 3 and ra.magnitude == 5
