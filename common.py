@@ -984,9 +984,13 @@ def extract_features(backbone, ds, transform, ctx, data, batch_size=256, workers
     untouched) and is put back in the mode it was in."""
     was_training = backbone.training
     backbone.eval()
-    loader = torch.utils.data.DataLoader(SeededViews(torch.utils.data.Subset(ds, _shard(len(ds), ctx)), transform),
+    shard = _shard(len(ds), ctx)
+    keep = len(shard)
+    if keep == 0:  # more processes than images: run one to learn the feature shape, keep none
+        shard = range(1)
+    loader = torch.utils.data.DataLoader(SeededViews(torch.utils.data.Subset(ds, shard), transform),
                                          batch_size=batch_size, num_workers=workers, worker_init_fn=ignore_stop_signals,
-                                         sampler=[(i, 0) for i in range(len(_shard(len(ds), ctx)))])
+                                         sampler=[(i, 0) for i in range(len(shard))])
     feats, labels = [], []
     for x, y in loader:
         with ctx.autocast():
@@ -994,7 +998,7 @@ def extract_features(backbone, ds, transform, ctx, data, batch_size=256, workers
         feats.append(h.float())
         labels.append(y.to(ctx.device))
     backbone.train(was_training)
-    return gather_shards(torch.cat(feats), ctx), gather_shards(torch.cat(labels), ctx)
+    return gather_shards(torch.cat(feats)[:keep], ctx), gather_shards(torch.cat(labels)[:keep], ctx)
 
 
 @torch.no_grad()
@@ -1006,7 +1010,7 @@ def knn_predict(test_feats, train_feats, train_labels, classes, k=200, t=0.1, ch
     preds = []
     for q in test_feats.split(chunk):
         sim, idx = (q @ train_feats.T).topk(k, dim=1)          # [b, k]
-        votes = torch.zeros(len(q), classes, device=q.device)
+        votes = torch.zeros(len(q), classes, device=q.device, dtype=q.dtype)
         votes.scatter_add_(1, train_labels[idx], (sim / t).exp())
         preds.append(votes.argmax(dim=1))
     return torch.cat(preds)
