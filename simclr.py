@@ -152,7 +152,6 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
 def main(argv=None):
     args = get_args(argv)
     ctx = common.setup(args)
-    common.start_run(args, ctx)
     pretrain_set, train_set, test_set = common.load_data(args, ctx)
     loader, sampler = common.train_loader(pretrain_set, SimCLRViews(args), args.batch_size, args.workers, args.seed, ctx)
 
@@ -165,6 +164,7 @@ def main(argv=None):
     optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=0.9, eta=0.001)
     scaler = ctx.grad_scaler()
     step = common.resume(args, model, optimizer, scaler)
+    common.start_run(args, ctx)  # after resume() accepted OUT's checkpoint: a refused run leaves OUT untouched
 
     steps_per_epoch = sampler.steps
     total_steps = args.epochs * steps_per_epoch
