@@ -51,9 +51,14 @@ DATASETS = ("cifar10", "cifar100", "svhn", "stl10", "tinyimagenet", "imagenet", 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet_small")
 
 
-def add_base_args(parser):
-    # argparse prints usage plus a message; one line is easier to read in a log.
+def one_line_errors(parser):
+    """argparse prints usage plus a message; one line is easier to read in a log."""
     parser.error = lambda message: fail(f"{parser.prog}: {message} (see --help)", USAGE)
+    return parser
+
+
+def add_base_args(parser):
+    one_line_errors(parser)
     g = parser.add_argument_group("data")
     g.add_argument("--data", default="cifar10", choices=DATASETS, help="data set (default cifar10)")
     g.add_argument("--data-dir", default="./data", help="where the data sets live (default ./data)")
@@ -284,7 +289,7 @@ def _stl10(root, split, download):
             fail(f"stl10 not found: expected {', '.join(p + '_X.bin' for p in parts)} in {path}; "
                  "run without --no-download to fetch it")
         _download(lambda: torchvision.datasets.STL10(root, split="train+unlabeled", download=True), "stl10", root)
-    arrays, labels = [], []
+    arrays = []
     for p in parts:
         x_path, y_path = os.path.join(path, f"{p}_X.bin"), os.path.join(path, f"{p}_y.bin")
         if os.path.getsize(x_path) == 0 or os.path.getsize(x_path) % (3 * 96 * 96):

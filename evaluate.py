@@ -36,7 +36,7 @@ import common
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="kNN and linear evaluation of a frozen backbone")
-    parser.error = lambda message: common.fail(f"{parser.prog}: {message} (see --help)", common.USAGE)
+    common.one_line_errors(parser)
     parser.add_argument("--ckpt", help="last.pt or backbone.pt of any of the five methods")
     parser.add_argument("--random-init", action="store_true", help="evaluate an untrained backbone (needs --arch and --data)")
     parser.add_argument("--data", choices=common.DATASETS, help="data set (default: the checkpoint's)")

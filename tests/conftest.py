@@ -1,9 +1,11 @@
 """Shared test helpers: run a script as a user would, and find real data."""
+import argparse
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -37,3 +39,12 @@ def cifar10_dir():
     if os.environ.get("SSL_REQUIRE_DATA") == "1":
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture
+def ctx():
+    """A single-process CPU context (common.setup seeds the global RNG: restored after)."""
+    import common
+    state = torch.get_rng_state()
+    yield common.setup(argparse.Namespace(seed=0, amp="off"))
+    torch.set_rng_state(state)

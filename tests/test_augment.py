@@ -1,9 +1,7 @@
 """View recipes and augmentations (SPEC 3.1, 3.3, 3.5 and 4): SimCLR's views,
 normalisation, the evaluation transform, seeded views, the jigsaw, CLSA's
 stronger augmentation and the AutoAugment / RandAugment wrappers."""
-import argparse
 import math
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -35,14 +33,6 @@ def flat_transforms(t):
     else:
         out.append((t, 1.0))
     return out
-
-
-@pytest.fixture
-def ctx():
-    state = torch.get_rng_state()
-    ctx = common.setup(argparse.Namespace(seed=0, amp="off"))
-    yield ctx
-    torch.set_rng_state(state)
 
 
 # ---------------------------------------------------------------------------

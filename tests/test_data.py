@@ -7,7 +7,6 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import common
@@ -458,14 +457,6 @@ def test_first_is_the_first_n_items():
 
 def namespace(data, data_dir, image_size, subset=None):
     return argparse.Namespace(data=data, data_dir=str(data_dir), download=False, image_size=image_size, subset=subset)
-
-
-@pytest.fixture
-def ctx():
-    state = torch.get_rng_state()
-    ctx = common.setup(argparse.Namespace(seed=0, amp="off"))
-    yield ctx
-    torch.set_rng_state(state)
 
 
 def test_load_data_stl10_pretrain_includes_unlabeled(tmp_path, ctx):
