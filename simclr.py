@@ -117,9 +117,9 @@ def nt_xent_loss(z1, z2, tau):
 
 def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_at, args, ctx, progress, stop):
     """Trains from optimizer step `step` to the end of the epoch (or stop_at,
-    or a stop request). Returns (step, mean loss over the epoch, stopped)."""
+    or a stop request). Returns (step, epoch means of loss and z-std, stopped)."""
     model.train()
-    loss_sum, n = torch.zeros((), device=ctx.device), 0
+    sums, n, stopped = torch.zeros(2, device=ctx.device), 0, False  # loss, z-std: summed on the device
     for (x1, x2), _ in loader:
         lr = lr_at(step)
         common.set_lr(optimizer, lr)
@@ -136,17 +136,17 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
         scaler.step(optimizer)
         scaler.update()
         step += 1
-        loss_sum += loss.detach()
+        z_std = common.embedding_std(z1)  # collapse indicator: ~1/sqrt(D) healthy, 0 collapsed
+        sums += torch.stack([loss.detach(), z_std])
         n += 1
         if step % args.log_every == 0 or step == stop_at:
             if ctx.main:  # the only host sync in the loop
-                print(progress.line(epoch, args.epochs, step, loss.item(), lr,
-                                    f"  z-std {common.embedding_std(z1):.3f}"), flush=True)
-            if stop.agreed(ctx):
-                return step, (loss_sum / n).item(), True
-        if step >= stop_at:
+                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}"), flush=True)
+            stopped = stop.agreed(ctx)  # DDP: every rank stops at the same step
+        if stopped or step >= stop_at:
             break
-    return step, (loss_sum / max(n, 1)).item(), False
+    loss, z_std = (sums / max(n, 1)).tolist()
+    return step, dict(loss=loss, z_std=z_std), stopped
 
 
 def main(argv=None):
@@ -181,9 +181,9 @@ def main(argv=None):
         sampler.set_epoch(epoch, start_step=step - epoch * steps_per_epoch)
         progress.restart(step)
         t0, first_step = time.perf_counter(), step
-        step, loss, stopped = train_one_epoch(ddp_model, loader, optimizer, scaler, lr_at, epoch, step, stop_at,
-                                              args, ctx, progress, stop)
-        record = dict(epoch=epoch + 1, step=step, loss=loss, lr=lr_at(step - 1),
+        step, stats, stopped = train_one_epoch(ddp_model, loader, optimizer, scaler, lr_at, epoch, step, stop_at,
+                                               args, ctx, progress, stop)
+        record = dict(epoch=epoch + 1, step=step, **stats, lr=lr_at(step - 1),
                       images_per_s=(step - first_step) * args.batch_size / (time.perf_counter() - t0),
                       time=time.perf_counter() - t0, complete=step == (epoch + 1) * steps_per_epoch)
         if record["complete"] and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step == total_steps):
@@ -192,7 +192,7 @@ def main(argv=None):
         if ctx.main:
             common.save_run(args, model, model.backbone, optimizer, scaler, step, epoch=step // steps_per_epoch)
             common.log_json(os.path.join(args.out, "log.jsonl"), record)
-            print(f"epoch {epoch + 1} {'done' if record['complete'] else 'saved mid-way'}: loss {loss:.4f}"
+            print(f"epoch {epoch + 1} {'done' if record['complete'] else 'saved mid-way'}: loss {stats['loss']:.4f}"
                   + (f", kNN top-1 {record['knn_top1']:.2f}" if "knn_top1" in record else ""), flush=True)
         if stopped:
             if ctx.main:
