@@ -147,15 +147,17 @@ def test_backbone_pt_has_clean_keys_and_loads_strictly(run_a):
 
 
 def test_log_jsonl_has_one_record_per_epoch_with_knn(run_a):
-    """log.jsonl: JSON lines with loss, lr, images_per_s and time; the completed first epoch
-    (--knn-every 1) carries a kNN top-1 between 0 and 100."""
+    """log.jsonl: JSON lines with loss, lr, images_per_s, time and the collapse indicator z_std
+    (a standard deviation of unit vectors in 128-d: in (0, 1/sqrt(128)] up to sampling noise);
+    the completed first epoch (--knn-every 1) carries a kNN top-1 between 0 and 100."""
     out, _ = run_a
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     assert len(records) == 2
     for r in records:
-        for key in ("loss", "lr", "images_per_s", "time"):
+        for key in ("loss", "lr", "images_per_s", "time", "z_std"):
             assert isinstance(r[key], (int, float)), key
         assert r["images_per_s"] > 0 and r["time"] > 0
+        assert 0.0 < r["z_std"] < 1.2 / 128 ** 0.5
     assert "knn_top1" in records[0]
     assert 0.0 <= records[0]["knn_top1"] <= 100.0
 
