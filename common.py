@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import random
 import signal
 import sys
 import time
@@ -690,7 +691,6 @@ def teardown():
 
 
 def seed_everything(seed):
-    import random
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
