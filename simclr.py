@@ -183,9 +183,10 @@ def main(argv=None):
         t0, first_step = time.perf_counter(), step
         step, stats, stopped = train_one_epoch(ddp_model, loader, optimizer, scaler, lr_at, epoch, step, stop_at,
                                                args, ctx, progress, stop)
+        elapsed = time.perf_counter() - t0
         record = dict(epoch=epoch + 1, step=step, **stats, lr=lr_at(step - 1),
-                      images_per_s=(step - first_step) * args.batch_size / (time.perf_counter() - t0),
-                      time=time.perf_counter() - t0, complete=step == (epoch + 1) * steps_per_epoch)
+                      images_per_s=(step - first_step) * args.batch_size / elapsed,
+                      time=elapsed, complete=step == (epoch + 1) * steps_per_epoch)
         if record["complete"] and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step == total_steps):
             record["knn_top1"] = common.knn_accuracy(model.backbone, train_set, test_set, common.num_classes(args.data, train_set),
                                                      ctx, args.image_size, args.data, workers=args.workers)
