@@ -703,9 +703,7 @@ def world_size():
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(fctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out, dim=0)
+        return concat_all_gather(x)
 
     @staticmethod
     def backward(fctx, grad):
@@ -735,6 +733,75 @@ def concat_all_gather(x):
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
+
+
+# MoCo's shuffle-BN (He et al. 2020, Sec. 3.3) for momentum encoders: a key
+# computed by BN over the same images as its query leaks "which sample is the
+# positive" through the batch statistics. The keys are therefore computed on a
+# permuted global batch, so each process normalises over other images.
+
+@torch.no_grad()
+def batch_shuffle(x, seed):
+    """x: this process's [n, ...]. Returns (this process's slice of the global
+    batch permuted by a permutation drawn from `seed`, the order that undoes
+    it). Every rank draws the same permutation from the same seed, so nothing
+    is broadcast; a seed derived from the step keeps resumed runs exact."""
+    x_all = concat_all_gather(x)
+    perm = torch.randperm(x_all.shape[0], generator=torch.Generator().manual_seed(seed)).to(x.device)
+    rank, n = (dist.get_rank() if world_size() > 1 else 0), x.shape[0]
+    return x_all[perm[rank * n:(rank + 1) * n]], torch.argsort(perm)
+
+
+@torch.no_grad()
+def batch_unshuffle(y, unshuffle):
+    """Undo batch_shuffle on the outputs y [n, ...]: row i is again image i of this process."""
+    y_all = concat_all_gather(y)
+    rank, n = (dist.get_rank() if world_size() > 1 else 0), y.shape[0]
+    return y_all[unshuffle[rank * n:(rank + 1) * n]]
+
+
+class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BN whose training statistics come from `splits` groups of the batch
+    (sample i in group i % splits), as if the batch were spread over `splits`
+    GPUs: with batch_shuffle this is shuffle-BN on one process (MoCo's
+    one-GPU CIFAR recipe, ReSSL Sec. 4). Parameters, buffers and state_dict
+    keys are those of nn.BatchNorm1d/2d; in eval mode it is plain BN."""
+
+    def __init__(self, bn, splits):
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.load_state_dict(bn.state_dict())
+        self.splits = splits
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x):
+        n, c, s = x.shape[0], x.shape[1], self.splits
+        if not self.training or s == 1:
+            return super().forward(x)
+        if n % s:
+            raise ValueError(f"a batch of {n} does not split into {s} BN groups")
+        # [n, c, ...] -> [n/s, s*c, ...]: channel block b holds the samples i % s == b.
+        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        out = F.batch_norm(x.reshape(n // s, s * c, *x.shape[2:]), mean, var,
+                           self.weight.repeat(s) if self.affine else None, self.bias.repeat(s) if self.affine else None,
+                           True, self.momentum, self.eps)
+        with torch.no_grad():  # one running estimate: the mean over the groups
+            self.running_mean.copy_(mean.view(s, c).mean(0))
+            self.running_var.copy_(var.view(s, c).mean(0))
+            self.num_batches_tracked += 1
+        return out.reshape(x.shape)
+
+
+def split_bn(module, splits):
+    """Replace every BatchNorm1d/2d in `module` by a SplitBatchNorm over `splits` groups (in place)."""
+    for name, child in module.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            setattr(module, name, SplitBatchNorm(child, splits))
+        else:
+            split_bn(child, splits)
+    return module
 
 
 def ddp(model, ctx, sync_bn=True):
