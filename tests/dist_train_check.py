@@ -7,6 +7,8 @@ to OUT.rank<r> for tests/test_distributed.py to compare with one process.
    half of a fixed global batch of embeddings as leaves.
 2. A BN-free model wrapped with common.ddp, two views per image, NT-Xent over
    the gathered embeddings (as simclr.train_one_epoch does), common.LARS steps.
+3. Shuffle-BN: common.batch_shuffle of the rank's half of a global batch, and
+   batch_unshuffle of a function of what it got.
 
 The builders below are imported by the test for the one-process computation.
 """
@@ -59,6 +61,15 @@ def image_batches():
             for _ in range(STEPS)]
 
 
+SHUFFLE_SEED = 5
+
+
+def shuffle_batch():
+    """Global batch [8, 2] whose rows are distinguishable: row i = (i, -i)."""
+    i = torch.arange(GLOBAL_BATCH, dtype=torch.float32)
+    return torch.stack([i, -i], dim=1)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -92,6 +103,11 @@ def main():
         result["grads"].append({k: p.grad.detach().clone() for k, p in model.named_parameters()})
         optimizer.step()
         result["params"].append({k: p.detach().clone() for k, p in model.named_parameters()})
+
+    # 3. shuffle-BN's permutation across processes
+    x = shuffle_batch()
+    shuffled, unshuffle = common.batch_shuffle(x[mine], seed=SHUFFLE_SEED)
+    result.update(shuffled=shuffled, restored=common.batch_unshuffle(shuffled * 10, unshuffle))
 
     torch.save(result, f"{out_path}.rank{ctx.rank}")
     common.teardown()

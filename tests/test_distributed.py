@@ -1,6 +1,6 @@
 """Two processes (torchrun, gloo) give the one-process result: NT-Xent through
 gather_with_grad, and a DDP + LARS step; TrainSampler's sharding of the
-global batch."""
+global batch; shuffle-BN's batch_shuffle over two processes."""
 import pytest
 import torch
 
@@ -122,6 +122,19 @@ def test_ddp_replicas_stay_identical(ranks):
     for step in range(setup_.STEPS):
         for k, p in ranks[0]["params"][step].items():
             assert torch.equal(p, ranks[1]["params"][step][k]), (step, k)
+
+
+def test_batch_shuffle_spreads_the_global_batch_and_unshuffle_restores(ranks):
+    """The two ranks' shuffled halves are the one-process permutation of the
+    global batch (so images move between processes, which is what shuffle-BN
+    is for); unshuffle gives each rank its own rows back."""
+    x = setup_.shuffle_batch()
+    one_process, _ = common.batch_shuffle(x, seed=setup_.SHUFFLE_SEED)
+    torch.testing.assert_close(torch.cat([r["shuffled"] for r in ranks]), one_process)
+    assert set(ranks[0]["shuffled"][:, 0].tolist()) != set(range(setup_.GLOBAL_BATCH // WORLD))
+    for rank, r in enumerate(ranks):
+        n = setup_.GLOBAL_BATCH // WORLD
+        torch.testing.assert_close(r["restored"], x[rank * n:(rank + 1) * n] * 10)
 
 
 # ---------------------------------------------------------------------------
