@@ -1,0 +1,272 @@
+"""AAG: Self-supervised representation learning by Auxiliary Augmentation with GNT-Xent loss.
+arXiv 2009.07994, 2020. https://arxiv.org/abs/2009.07994
+
+Idea: SimCLR-style instance discrimination that works at small batch sizes.
+Each image gives THREE views: two core views from the basic augmentation and
+one auxiliary view from a much richer policy (AutoAugment), all encoded by one
+siamese network f (ResNet + 128-d head). The auxiliary view brings diversity
+without a large batch; only one is made per image because it is noisier, and
+auxiliary-auxiliary pairs are never contrasted.
+
+Objective: GNT-Xent, Eq. (1)-(2), (4) and Algorithm 1. With s(a,b) = cos(a,b)/tau
+and sums over j != i, L = mean_i (L_xy + L_zx + L_zy), where
+L_xy = -s(x_i,y_i) + log sum_j [e^s(x_i,y_j) + e^s(x_j,y_i) + e^s(x_i,x_j) + e^s(y_i,y_j)],
+L_zx = -2 s(z_i,x_i) + log sum_j e^s(z_i,x_j) + log sum_j e^s(z_j,x_i), L_zy likewise.
+The positive is never in a denominator (Eq. (4) vs NT-Xent's Eq. (3)), so
+dL/ds+ = -1 at every step (Sec. "Design considerations of loss function").
+--loss nt-xent (the NT-Xent rows of Tables 4 and 7) keeps these three terms
+and their negatives and puts e^s+ back into each denominator: the paper says
+the two losses differ only in that term. (SimCLR's NT-Xent summed over the
+view pairs would instead contrast z against z, which AAG never does.)
+
+Views (Algorithm 1: g_basic1, g_basic2 ~ G_basic and g_aux ~ G_aux, each drawn
+independently and applied to the same image d_i): basic = random resized crop,
+colour jitter, random grayscale, horizontal flip, Gaussian blur; auxiliary = its
+own random resized crop + flip, then AutoAugment's published policy for the
+data set (CIFAR10, SVHN or IMAGENET), or RandAugment(2 ops, magnitude 10).
+
+    python aag.py --data cifar10
+    torchrun --nproc_per_node=8 aag.py --data imagenet --data-dir /datasets/imagenet
+
+Deviations from the paper:
+- The paper names the basic operations but not their strengths: crop area
+  0.2-1 and ColorJitter(0.4, 0.4, 0.4, 0.4) on every view with grayscale
+  p=0.2 are the authors' CIFAR code; blur p=0.5 is SimCLR's (App. A), which
+  the paper says it follows (their code has no blur: --blur 0).
+- The paper trains only on 32 px data; the ImageNet/folder defaults
+  (ResNet-50 with the MLP head of Table 6, B=256) are this script's choice.
+- The kNN monitor uses the backbone features h (as evaluate.py); the paper's
+  kNN (and the authors' code) uses the 128-d embedding.
+- The StepLR ablation row of Table 7 is not offered (its milestones are not
+  given); GNT-Xent inside ISIF / SimCLR (Table 5) belongs to those methods.
+- On several GPUs BN is synchronised (SyncBN), so the step equals the
+  paper's one-GPU step on the same batch.
+- L_xy follows Algorithm 1 term by term; the authors' MindSpore code builds
+  it from x-anchored rows only (counted twice).
+"""
+import argparse
+import functools
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+
+import common
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description="AAG pre-training (auxiliary augmentation + GNT-Xent)")
+    common.add_base_args(parser)
+    g = parser.add_argument_group("AAG")
+    g.add_argument("--tau", type=float, default=0.1,
+                   help="tau, temperature of s(a,b) = cos(a,b)/tau, Eq. (2) and Algorithm 1; 0.1 (Sec. Experiments)")
+    g.add_argument("--loss", default="gnt-xent", choices=("gnt-xent", "nt-xent"),
+                   help="gnt-xent: no positive in any denominator (Eq. (4), Algorithm 1); nt-xent: exp(s+) added back "
+                        "to every denominator of Algorithm 1 (Eq. (3)), the NT-Xent rows of Tables 4 and 7")
+    g.add_argument("--aux-policy", default="autoaugment", choices=("autoaugment", "randaugment", "basic", "none"),
+                   help="g_aux, the auxiliary view (Sec. Hybrid Data Augmentation): AutoAugment's policy for the data "
+                        "set (default), RandAugment 2 ops magnitude 10 (Table 7 'with RandAugment'), a third basic view "
+                        "(Table 7 'Three Basic Views') or none (Table 7 'Two Basic Views')")
+    g.add_argument("--head", default=None, choices=("linear", "mlp"),
+                   help="head to the embedding: linear (Sec. Experiments; default on CIFAR-size data) or SimCLR's "
+                        "2-layer MLP (Table 6; default on imagenet/folder)")
+    g.add_argument("--proj-dim", type=int, default=128, help="embedding size of the last layer, Sec. Experiments; 128")
+    g.add_argument("--crop-min", type=float, default=0.2,
+                   help="smallest crop area of basic op i and of the auxiliary view's crop; 0.2 (authors' code)")
+    g.add_argument("--jitter", type=float, default=0.4,
+                   help="brightness, contrast, saturation and hue of basic op ii (ColorJitter); 0.4 (authors' code)")
+    g.add_argument("--blur", type=float, default=0.5,
+                   help="probability of Gaussian blur, basic op v; 0.5 as in SimCLR App. A (the authors' code: 0)")
+    args = parser.parse_args(argv)
+    recipes = {  # "small": Sec. Experiments (Table 1); "large": not in the paper (see Deviations)
+        "small": dict(arch="resnet18", epochs=200, batch_size=128, lr=0.03, weight_decay=5e-4, head="linear"),
+        "large": dict(arch="resnet50", epochs=200, batch_size=256, lr=0.03, weight_decay=5e-4, head="mlp"),
+    }
+    args = common.finish_args(args, "aag", recipes)
+    if args.warmup_epochs is None:  # Fig. 3: "for batch sizes more than 256, we warm up the learning rate for 10 epochs"
+        args.warmup_epochs = 10 if args.batch_size > 256 else 0
+    if args.batch_size < 2:
+        common.fail(f"--batch-size {args.batch_size} leaves GNT-Xent without negatives; use at least 2", common.USAGE)
+    return args
+
+
+# ---------------------------------------------------------------------------
+# Views (Sec. Hybrid Data Augmentation Scheme, Algorithm 1)
+# ---------------------------------------------------------------------------
+
+class AAGViews:
+    """Core views g_basic1(d), g_basic2(d) and the auxiliary view g_aux(d), each
+    an independent draw applied to the same image d (Algorithm 1). So the
+    auxiliary view is not derived from a core view: it gets its own random
+    crop and flip (AutoAugment's policies have no crop), then the policy."""
+
+    def __init__(self, args):
+        j = args.jitter
+        # G_basic, ops i-v; jitter on every view (p=1) and grayscale p=0.2 as in the authors' code.
+        self.basic = common.view_transform(args.image_size, scale=(args.crop_min, 1.0), jitter=(j, j, j, j),
+                                           p_jitter=1.0, p_gray=0.2, p_blur=args.blur)
+        crop = common.view_transform(args.image_size, scale=(args.crop_min, 1.0))  # crop + flip only
+        self.aux = {"autoaugment": T.Compose([crop, common.autoaugment(args.data)]),  # CIFAR10/SVHN/IMAGENET policy
+                    "randaugment": T.Compose([crop, common.randaugment(2, 10)]),      # Table 7, (v)
+                    "basic": self.basic,                                              # Table 7, (ii)
+                    "none": None}[args.aux_policy]                                    # Table 7, (i)
+
+    def __call__(self, img):
+        views = [self.basic(img), self.basic(img)] + ([self.aux(img)] if self.aux is not None else [])
+        return [common.to_tensor(v) for v in views]
+
+
+# ---------------------------------------------------------------------------
+# Model (Fig. 1): one siamese network f_theta = head g on backbone f
+# ---------------------------------------------------------------------------
+
+class AAG(nn.Module):
+    def __init__(self, arch, image_size, proj_dim, head):
+        super().__init__()
+        self.backbone, dim = common.resnet(arch, image_size)   # f: [B, 3, S, S] -> h [B, dim]
+        if head == "linear":                                   # Sec. Experiments: 128-d last layer
+            self.projector = nn.Linear(dim, proj_dim)
+        else:                                                  # Table 6: "a 2-layer MLP as SimCLR does"
+            self.projector = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
+
+    def forward(self, *views):
+        # All views (x, y and z, or x and y) in one pass: BN normalises over the
+        # 3N views together, and one pass is faster than three. Three views cost
+        # 1.5x SimCLR's compute per image.
+        z = self.projector(self.backbone(torch.cat(views)))
+        return z.chunk(len(views))
+
+
+# ---------------------------------------------------------------------------
+# Loss: GNT-Xent, Eq. (1)-(2), (4) and Algorithm 1
+# ---------------------------------------------------------------------------
+
+def gnt_xent_loss(x, y, z, tau, keep_positive=False):
+    """GNT-Xent (Algorithm 1). x, y: [N, D] embeddings of the two core views,
+    z: [N, D] of the auxiliary view (None: two views, L_xy alone); any float
+    dtype. Returns a float32 scalar: mean over i of L_xy + L_zx + L_zy, with
+    s(a,b) = cos(a,b)/tau and every sum over j != i:
+      L_xy = -s(x_i,y_i) + log sum_j [e^s(x_i,y_j) + e^s(x_j,y_i) + e^s(x_i,x_j) + e^s(y_i,y_j)]
+      L_zx = -2 s(z_i,x_i) + log sum_j e^s(z_i,x_j) + log sum_j e^s(z_j,x_i);  L_zy likewise.
+    No denominator holds its positive (Eq. (4)) and no z-z pair is used.
+    keep_positive=True adds e^s+ to each denominator: NT-Xent, Eq. (3)."""
+    x, y = F.normalize(x.float(), dim=1), F.normalize(y.float(), dim=1)
+    self_mask = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+
+    def log_denominator(positive, *blocks):
+        # Row i of each [N, N] block is one anchor's sum over j; j = i is masked out.
+        terms = torch.cat([b.masked_fill(self_mask, float("-inf")) for b in blocks], dim=1)
+        if keep_positive:
+            terms = torch.cat([positive[:, None], terms], dim=1)
+        return torch.logsumexp(terms, dim=1)                                  # [N]
+
+    # Five [N, N] similarity blocks (xy, xx, yy, zx, zy): O(N^2 D), small next to the backbone.
+    s_xy = x @ y.T / tau                                                      # [N, N], s(x_i, y_j)
+    positive = s_xy.diagonal()
+    loss = -positive + log_denominator(positive, s_xy, s_xy.T, x @ x.T / tau, y @ y.T / tau)  # L_xy
+    if z is not None:
+        z = F.normalize(z.float(), dim=1)
+        for s_zb in (z @ x.T / tau, z @ y.T / tau):                           # L_zx, then L_zy
+            positive = s_zb.diagonal()                                        # s(z_i, b_i)
+            # anchor z_i against b_j (rows), then anchor b_i against z_j (columns)
+            loss = loss - 2 * positive + log_denominator(positive, s_zb) + log_denominator(positive, s_zb.T)
+    return loss.mean()
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_at, args, ctx, progress, stop):
+    """Trains from optimizer step `step` to the end of the epoch (or stop_at,
+    or a stop request). Returns (step, epoch means of loss and z-std, stopped)."""
+    model.train()
+    sums, n, stopped = torch.zeros(2, device=ctx.device), 0, False  # loss, z-std: summed on the device
+    for views, _ in loader:
+        lr = lr_at(step)
+        common.set_lr(optimizer, lr)
+        views = [common.to_device(v, ctx, args.data, args.channels_last) for v in views]  # uint8 -> normalised float
+        with ctx.autocast():
+            x, y, z = (*model(*views), None)[:3]  # z is None with --aux-policy none
+        # DDP: every rank computes GNT-Xent over the GLOBAL batch; the gather keeps
+        # the graph, so the negatives from other GPUs also send gradient back.
+        x, y = common.gather_with_grad(x), common.gather_with_grad(y)
+        z = common.gather_with_grad(z) if z is not None else None
+        loss = gnt_xent_loss(x, y, z, args.tau, keep_positive=args.loss == "nt-xent")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()  # AMP: scaled only in fp16
+        scaler.step(optimizer)
+        scaler.update()
+        step += 1
+        z_std = common.embedding_std(x)  # collapse indicator: ~1/sqrt(D) healthy, 0 collapsed
+        sums += torch.stack([loss.detach(), z_std])
+        n += 1
+        if step % args.log_every == 0 or step == stop_at:
+            if ctx.main:  # the only host sync in the loop
+                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}"), flush=True)
+            stopped = stop.agreed(ctx)  # DDP: every rank stops at the same step
+        if stopped or step >= stop_at:
+            break
+    loss, z_std = (sums / max(n, 1)).tolist()
+    return step, dict(loss=loss, z_std=z_std), stopped
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ctx = common.setup(args)
+    pretrain_set, train_set, test_set = common.load_data(args, ctx)
+    loader, sampler = common.train_loader(pretrain_set, AAGViews(args), args.batch_size, args.workers, args.seed, ctx)
+
+    model = AAG(args.arch, args.image_size, args.proj_dim, args.head).to(ctx.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ddp_model = common.ddp(model, ctx)  # SyncBN on GPUs: BN over the global batch, as on the paper's one GPU
+    base_lr = args.lr * args.batch_size / 128  # Sec. Experiments (Fig. 3): BatchSize/128 x 0.03
+    # SGD with momentum 0.9 and weight decay on every parameter (Sec. Experiments).
+    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
+    scaler = ctx.grad_scaler()
+    step = common.resume(args, model, optimizer, scaler)
+    common.start_run(args, ctx)  # after resume() accepted OUT's checkpoint: a refused run leaves OUT untouched
+
+    steps_per_epoch = sampler.steps
+    total_steps = args.epochs * steps_per_epoch
+    stop_at = min(total_steps, args.max_steps or total_steps)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    lr_at = functools.partial(common.lr_at, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr)
+    progress, stop = common.Progress(stop_at, step, args.batch_size), common.StopSignal()
+    if ctx.main:
+        print(f"aag: {args.arch} on {args.data} ({len(pretrain_set)} images), {ctx.world} process(es) on {ctx.device}, "
+              f"batch {args.batch_size}, lr {base_lr:.4g}, {steps_per_epoch} steps/epoch, from step {step}", flush=True)
+
+    epoch = step // steps_per_epoch
+    while step < stop_at:
+        sampler.set_epoch(epoch, start_step=step - epoch * steps_per_epoch)
+        progress.restart(step)
+        t0, first_step = time.perf_counter(), step
+        step, stats, stopped = train_one_epoch(ddp_model, loader, optimizer, scaler, lr_at, epoch, step, stop_at,
+                                               args, ctx, progress, stop)
+        elapsed = time.perf_counter() - t0
+        record = dict(epoch=epoch + 1, step=step, **stats, lr=lr_at(step - 1),
+                      images_per_s=(step - first_step) * args.batch_size / elapsed,
+                      time=elapsed, complete=step == (epoch + 1) * steps_per_epoch)
+        if record["complete"] and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step == total_steps):
+            record["knn_top1"] = common.knn_accuracy(model.backbone, train_set, test_set, common.num_classes(args.data, train_set),
+                                                     ctx, args.image_size, args.data, workers=args.workers)
+        if ctx.main:
+            common.save_run(args, model, model.backbone, optimizer, scaler, step, epoch=step // steps_per_epoch)
+            common.log_json(os.path.join(args.out, "log.jsonl"), record)
+            print(f"epoch {epoch + 1} {'done' if record['complete'] else 'saved mid-way'}: loss {stats['loss']:.4f}"
+                  + (f", kNN top-1 {record['knn_top1']:.2f}" if "knn_top1" in record else ""), flush=True)
+        if stopped:
+            if ctx.main:
+                print(f"stopped at step {step}; run the same command again to resume", flush=True)
+            break
+        epoch += 1
+    common.teardown()
+
+
+if __name__ == "__main__":
+    main()
