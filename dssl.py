@@ -1,0 +1,389 @@
+"""DSSL: Directional Self-supervised Learning for Heavy Image Augmentations.
+Bai, Yang, Zhang and Mei, CVPR 2022. https://arxiv.org/abs/2110.13555
+
+Idea: heavy augmentations (RandAugment, jigsaw) carry useful variation, but
+pulling every pair of views together makes negative-free methods (SimSiam,
+BYOL) collapse. DSSL derives a harder view v^ = t^(v) FROM each standard view
+v and treats the views as a partially ordered set: standard <-> standard stays
+symmetric, heavy -> its own source is one-way (Sec. 3.2-3.3). It is a training
+scheme on top of SimSiam, BYOL or SimCLR (--framework).
+
+Objective: L_DSSL = L_S + L_A (Eq. (5)): L_S is the framework's symmetric loss
+on the standard views (Eq. (2)); L_A = D(z^, y(v)) + D(z^', y(v')) pulls each
+heavy view toward the stop-gradient target of its source (Eq. (4)), with D the
+negative cosine. Eq. (6) weighs four view-pair families (alpha, beta, gamma,
+delta); L_DSSL is 1 0 1 0 and the naive "w/ T^" pairing is 1 1 1 1 (--weights).
+
+Views (App. A): two standard views (crop 0.2-1 + flip, ColorJitter
+0.4/0.4/0.4/0.1 p=0.8, grayscale p=0.2, blur p=0.5) and, for each, one heavy
+view made from it: RandAugment(n=2, m=5) with p=0.9, otherwise Jigsaw(4).
+
+    python dssl.py --data cifar10 --framework simsiam
+    torchrun --nproc_per_node=8 dssl.py --data imagenet --data-dir /datasets/imagenet --framework byol
+
+Deviations from the paper:
+- SimCLR framework: L = NT-Xent(z1, z2) + gamma * [D(z^1, z1) + D(z^2, z2)] / 2,
+  D on the projections with stop-gradient on the source (design choice, see
+  dssl_nt_xent_loss); the paper gives no pseudocode for it, only the "+2n"
+  cost of Sec. 4.1. All three frameworks train with SimSiam's SGD recipe (the
+  paper does so for BYOL, Sec. 4.1; for SimCLR it used a public repository
+  whose optimiser it does not state).
+- BYOL's loss uses D (negative cosine), as Algorithm 1 does, not BYOL's
+  normalised MSE (= 2 + 2D: the same gradient, twice as large).
+- `--heavy off` is the two-view baseline (Table 5's "1 standard view-pair"),
+  not the four-standard-view re-implementation of Sec. 4.1 / Algorithm 2.
+- A heavy view gets RandAugment OR the jigsaw ("with probability 0.9 and 0.1
+  respectively", App. A.2), so t^ is never the identity (Sec. 3.2).
+"""
+import argparse
+import copy
+import functools
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# Head widths per framework, as in each framework's paper (DSSL Sec. 4.1 keeps them):
+# (projector hidden, projector output, predictor hidden); None = no such layer.
+HEADS = {
+    "simsiam": (2048, 2048, 512),  # SimSiam baseline settings: 2048-d fc layers, 512-d predictor bottleneck
+    "byol": (4096, 256, 4096),     # BYOL Sec. 3.3: MLP 4096 -> 256, predictor of the same shape
+    "simclr": (None, 128, None),   # SimCLR Sec. 2.1: hidden as wide as h, 128-d output, no predictor
+}
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description="DSSL pre-training (Bai et al. 2022)")
+    common.add_base_args(parser)
+    g = parser.add_argument_group("DSSL")
+    g.add_argument("--framework", default="simsiam", choices=("simsiam", "byol", "simclr"),
+                   help="the method DSSL is applied to (Table 2); simsiam as in Algorithm 1")
+    g.add_argument("--heavy", default="on", choices=("on", "off"),
+                   help="heavy views T^ (Sec. 3.2); off = the framework alone on two standard views (Table 2 'repro.')")
+    g.add_argument("--weights", type=float, nargs=4, metavar=("ALPHA", "BETA", "GAMMA", "DELTA"), default=None,
+                   help="alpha beta gamma delta, the Eq. (6) weights of SV<->SV, HV<->HV, SV<-HV, HV<-SV; "
+                        "1 0 1 0 = L_DSSL (Eq. (5), Algorithm 1), 1 1 1 1 = naive 'w/ T^' (Table 2)")
+    g.add_argument("--ra-n", type=int, default=2, help="n, RandAugment ops per heavy view, RA(n, m); 2, App. A.2")
+    g.add_argument("--ra-m", type=int, default=5, help="m, RandAugment magnitude on the 0-30 scale; 5, App. A.2 (Fig. 4)")
+    g.add_argument("--jigsaw-grid", type=int, default=4, help="jigsaw grid n (n x n tiles), Jigsaw(n); 4, App. A.2")
+    g.add_argument("--p-jigsaw", type=float, default=0.1,
+                   help="probability that a heavy view is the jigsaw instead of RandAugment; 0.1, App. A.2")
+    g.add_argument("--blur", type=float, default=0.5, help="probability of Gaussian blur in the standard views; 0.5, App. A.1")
+    g.add_argument("--proj-layers", type=int, default=None,
+                   help="SimSiam projector depth (fc layers, BN on each); 2 CIFAR, 3 ImageNet (SimSiam). simsiam only")
+    g.add_argument("--ema-momentum", type=float, default=None,
+                   help="m, BYOL target EMA momentum (base value under --ema-schedule cosine); "
+                        "0.99 CIFAR (Sec. 4.2), 0.996 ImageNet (BYOL Sec. 3.3). byol only")
+    g.add_argument("--ema-schedule", default=None, choices=("constant", "cosine"),
+                   help="BYOL target momentum schedule: constant m, or m_k = 1 - (1 - m)(cos(pi k/K) + 1)/2 "
+                        "(BYOL Sec. 3.3); constant CIFAR, cosine ImageNet. byol only")
+    g.add_argument("--tau", type=float, default=None,
+                   help="tau, NT-Xent temperature of the simclr framework; 0.5 CIFAR, 0.1 ImageNet (SimCLR). simclr only")
+    args = parser.parse_args(argv)
+    if args.heavy == "off" and args.weights is not None:
+        common.fail("--weights weighs heavy-view terms, which --heavy off does not have; drop one of the two", common.USAGE)
+    if args.out is None:  # one folder per framework and baseline, so that --resume auto never mixes them
+        args.out = os.path.join("runs", f"dssl-{args.framework}{'-noheavy' if args.heavy == 'off' else ''}-{args.data}")
+    recipes = {  # "small": CIFAR, Sec. 4.2 (SimSiam's CIFAR recipe); "large": ImageNet, Sec. 4.1 (SimSiam's optimiser)
+        "small": dict(arch="resnet18", epochs=800, batch_size=512, lr=0.03, weight_decay=5e-4, warmup_epochs=0,
+                      proj_layers=2, ema_momentum=0.99, ema_schedule="constant", tau=0.5),
+        "large": dict(arch="resnet50", epochs=100, batch_size=512, lr=0.05, weight_decay=1e-4, warmup_epochs=0,
+                      proj_layers=3, ema_momentum=0.996, ema_schedule="cosine", tau=0.1),
+    }
+    args = common.finish_args(args, "dssl", recipes)
+    if args.heavy == "on" and args.weights is None:
+        args.weights = [1.0, 0.0, 1.0, 0.0]
+    checks = [(args.weights is None or (min(args.weights) >= 0 and sum(args.weights) > 0),
+               f"--weights must be non-negative and not all 0, got {args.weights}"),
+              (args.ra_n >= 1 and 0 <= args.ra_m <= 30, f"--ra-n must be >= 1 and --ra-m in 0..30, got {args.ra_n}, {args.ra_m}"),
+              (1 <= args.jigsaw_grid <= args.image_size, f"--jigsaw-grid must be in 1..{args.image_size}, got {args.jigsaw_grid}"),
+              (0 <= args.p_jigsaw <= 1 and 0 <= args.blur <= 1, "--p-jigsaw and --blur are probabilities in [0, 1]"),
+              (args.proj_layers >= 1, f"--proj-layers must be at least 1, got {args.proj_layers}"),
+              (0 <= args.ema_momentum <= 1, f"--ema-momentum must be in [0, 1], got {args.ema_momentum}"),
+              (args.tau > 0, f"--tau must be positive, got {args.tau}")]
+    for ok, message in checks:
+        if not ok:
+            common.fail(message, common.USAGE)
+    return args
+
+
+# ---------------------------------------------------------------------------
+# Views (Sec. 3.2, App. A): two standard views, and a heavy view made from each
+# ---------------------------------------------------------------------------
+
+class HeavyAugment:
+    """t^ ~ T^ (App. A.2): RandAugment(n, m) with probability 1 - p_jigsaw,
+    otherwise the grid x grid jigsaw. Works on a PIL image: the standard view."""
+
+    def __init__(self, n, m, grid, p_jigsaw):
+        self.randaugment, self.jigsaw, self.p_jigsaw = common.randaugment(n, m), common.Jigsaw(grid), p_jigsaw
+
+    def __call__(self, img):
+        return self.jigsaw(img) if float(torch.rand(())) < self.p_jigsaw else self.randaugment(img)
+
+
+class DSSLViews:
+    """[v, v', v^ = t^(v), v^' = t^(v')] (Eq. (3)); [v, v'] when heavy is None.
+    `heavy` is an attribute so a test can swap it for the identity."""
+
+    def __init__(self, args):
+        self.t = common.view_transform(args.image_size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1),
+                                       p_jitter=0.8, p_gray=0.2, p_blur=args.blur)  # T, App. A.1
+        self.heavy = HeavyAugment(args.ra_n, args.ra_m, args.jigsaw_grid, args.p_jigsaw) if args.heavy == "on" else None
+
+    def __call__(self, img):
+        views = [self.t(img), self.t(img)]
+        if self.heavy is not None:
+            views += [self.heavy(v) for v in views]  # each harder view derived from its own standard view
+        return [common.to_tensor(v) for v in views]
+
+
+# ---------------------------------------------------------------------------
+# Model (Sec. 3.1, 4.1): encoder f, projector g, and the framework's extras
+# (SimSiam/BYOL predictor q, BYOL's momentum target)
+# ---------------------------------------------------------------------------
+
+def simsiam_projector(dim, hidden, out, layers):
+    """SimSiam's projection MLP: BN after every fc, ReLU after all but the output
+    fc; the output BN has no affine parameters (as in the authors' code)."""
+    mods = []
+    for _ in range(layers - 1):
+        mods += [nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        dim = hidden
+    return nn.Sequential(*mods, nn.Linear(dim, out, bias=False), nn.BatchNorm1d(out, affine=False))
+
+
+def mlp(dim, hidden, out, bias=True):
+    """fc-BN-ReLU-fc: SimSiam's predictor (bottleneck hidden layer) and BYOL's projector and predictor."""
+    return nn.Sequential(nn.Linear(dim, hidden, bias=bias), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+
+
+class DSSL(nn.Module):
+    def __init__(self, framework, arch, image_size, proj_layers=2, heavy_targets=False):
+        super().__init__()
+        self.framework, self.heavy_targets = framework, heavy_targets
+        self.backbone, dim = common.resnet(arch, image_size)  # f: [B, 3, S, S] -> h [B, dim]
+        hidden, out, pred_hidden = HEADS[framework]
+        if framework == "simsiam":
+            self.projector = simsiam_projector(dim, hidden, out, proj_layers)
+            self.predictor = mlp(out, pred_hidden, out, bias=False)
+        elif framework == "byol":
+            self.projector, self.predictor = mlp(dim, hidden, out), mlp(out, pred_hidden, out)
+            # Target network xi: an EMA of the online f and g that never receives gradient (BYOL Sec. 3.1).
+            self.target_backbone, self.target_projector = copy.deepcopy(self.backbone), copy.deepcopy(self.projector)
+            for p in [*self.target_backbone.parameters(), *self.target_projector.parameters()]:
+                p.requires_grad_(False)
+        else:
+            self.projector, self.predictor = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, out)), None
+
+    def forward(self, views):
+        """views: list of [n, 3, S, S] batches [v, v'(, v^, v^')]. Returns (p, z),
+        one [n, D] tensor per view: p the online outputs (the predictor's for
+        SimSiam/BYOL, the projection for SimCLR), z the targets y(.) of Eq. (2)
+        (SimSiam, SimCLR: the projection; BYOL: the target network's projection,
+        for the heavy views only when heavy_targets, i.e. beta or delta != 0)."""
+        # One pass per view, as Algorithm 1 writes f(v), f(v'), f(v^), f(v^'): BN statistics
+        # stay per view, so jigsaw/RandAugment batches never shift the standard views' BN.
+        z = [self.projector(self.backbone(x)) for x in views]
+        p = [self.predictor(zi) for zi in z] if self.predictor is not None else z
+        if self.framework == "byol":
+            with torch.no_grad():
+                targets = views if self.heavy_targets else views[:2]
+                z = [self.target_projector(self.target_backbone(x)) for x in targets]
+        return p, z
+
+    @torch.no_grad()
+    def update_target(self, m):
+        """BYOL's EMA (Sec. 3.1): xi <- m * xi + (1 - m) * theta, after each optimizer step."""
+        online = [*self.backbone.parameters(), *self.projector.parameters()]
+        target = [*self.target_backbone.parameters(), *self.target_projector.parameters()]
+        for t, o in zip(target, online):
+            t.mul_(m).add_(o.detach(), alpha=1 - m)
+
+
+def target_momentum(step, total_steps, base, schedule):
+    """m at optimizer step `step` (0-based): constant, or BYOL's cosine increase
+    from `base` at step 0 to 1 at step total_steps (BYOL Sec. 3.3)."""
+    if schedule == "constant":
+        return base
+    return 1 - (1 - base) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+# ---------------------------------------------------------------------------
+# Losses: D (Sec. 3.3), DSSL Eq. (5)-(6), and NT-Xent for the SimCLR framework
+# ---------------------------------------------------------------------------
+
+def negative_cosine(p, z):
+    """D(p, z) = -mean_i <p_i, z_i> / (|p_i| |z_i|) (Sec. 3.3, Algorithm 1's D),
+    with stop-gradient on the target z. p, z: [N, D], any float dtype; returns a
+    float32 scalar."""
+    p = F.normalize(p.float(), dim=1)
+    z = F.normalize(z.detach().float(), dim=1)  # y.detach(): no gradient through the target
+    return -(p * z).sum(dim=1).mean()
+
+
+def dssl_loss(p1, p2, z1, z2, ph1, ph2, zh1=None, zh2=None, weights=(1.0, 0.0, 1.0, 0.0)):
+    """Eq. (6) with D as the pair loss, over 4 so that the default weights give
+    Algorithm 1 exactly: D(p1,z2)/4 + D(p2,z1)/4 + D(ph1,z1)/4 + D(ph2,z2)/4.
+    p*: [N, D] online predictions of v, v', v^, v^'; z*: their targets (zh* only
+    needed when beta or delta != 0). weights = (alpha, beta, gamma, delta):
+      alpha [D(p1,z2) + D(p2,z1)]    SV <-> SV, L_S (Eq. (2))
+      beta  [D(ph1,zh2) + D(ph2,zh1)]  HV <-> HV
+      gamma [D(ph1,z1) + D(ph2,z2)]  SV <- HV, each heavy view to its own source, L_A (Eq. (4))
+      delta [D(p1,zh1) + D(p2,zh2)]  HV <- SV, each source to its heavy view"""
+    alpha, beta, gamma, delta = weights
+    D = negative_cosine
+    loss = alpha * (D(p1, z2) + D(p2, z1)) + gamma * (D(ph1, z1) + D(ph2, z2))
+    if beta or delta:
+        if zh1 is None or zh2 is None:
+            raise ValueError("dssl_loss: beta or delta != 0 needs the heavy views' targets zh1, zh2")
+        loss = loss + beta * (D(ph1, zh2) + D(ph2, zh1)) + delta * (D(p1, zh1) + D(p2, zh2))
+    return loss / 4
+
+
+def nt_xent_loss(z1, z2, tau):
+    """The SimCLR framework's L_S (SimCLR Eq. (1)). z1, z2: [N, D] projections of
+    the two standard views of N images. Every one of the 2N views is an anchor
+    whose positive is its image's other view and whose negatives are the other
+    2N-2 views; returns the float32 mean over anchors of -log softmax(positive)."""
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)            # [2N, D]
+    logits = z @ z.T / tau                                          # [2N, 2N] cosine / tau
+    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))           # an anchor is not its own negative
+    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(logits, positive)
+
+
+def dssl_nt_xent_loss(z1, z2, zh1, zh2, tau, weights=(1.0, 0.0, 1.0, 0.0)):
+    """DSSL on SimCLR: Eq. (6) with NT-Xent as L_S and D as L_A. z*: [N, D]
+    projections of v, v', v^, v^'. weights = (alpha, beta, gamma, delta):
+        alpha NT-Xent(z1, z2) + beta NT-Xent(zh1, zh2)
+        + gamma [D(zh1, z1) + D(zh2, z2)] / 2 + delta [D(z1, zh1) + D(z2, zh2)] / 2
+    Design choice (SPEC 3.5): SimCLR has no predictor, so L_A pulls each heavy
+    projection toward the stop-gradient projection of its source (y(v) = g(f(v)),
+    Sec. 3.1) with D, the same pair loss as Eq. (4), rather than adding the heavy
+    views to the softmax: that adds 2n similarities to NT-Xent's 2n^2 (Sec. 4.1)
+    and keeps heavy views out of the standard views' negatives. The mean over the
+    two L_A terms keeps gamma on the scale of one NT-Xent term."""
+    alpha, beta, gamma, delta = weights
+    D = negative_cosine
+    loss = alpha * nt_xent_loss(z1, z2, tau) + gamma * (D(zh1, z1) + D(zh2, z2)) / 2
+    if beta or delta:
+        loss = loss + beta * nt_xent_loss(zh1, zh2, tau) + delta * (D(z1, zh1) + D(z2, zh2)) / 2
+    return loss
+
+
+def training_loss(p, z, args):
+    """The framework's loss on the model's outputs (lists over the views)."""
+    if args.framework == "simclr":
+        # DDP: every rank computes the loss over the GLOBAL batch; the gather keeps the
+        # graph, so negatives from other GPUs also send gradient back (SPEC 5).
+        z = [common.gather_with_grad(t) for t in z]
+        return nt_xent_loss(z[0], z[1], args.tau) if args.heavy == "off" else dssl_nt_xent_loss(*z, args.tau, args.weights)
+    # SimSiam/BYOL: D is a mean over images; DDP's gradient averaging makes it the global mean.
+    if args.heavy == "off":
+        return (negative_cosine(p[0], z[1]) + negative_cosine(p[1], z[0])) / 2  # L_S, Eq. (2), SimSiam's D/2 + D/2
+    return dssl_loss(*p[:2], *z[:2], *p[2:], *z[2:], weights=args.weights)
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_at, args, ctx, progress, stop):
+    """Trains from optimizer step `step` to the end of the epoch (or stop_at,
+    or a stop request). Returns (step, epoch means of loss and z-std, stopped)."""
+    model.train()
+    sums, n, stopped = torch.zeros(2, device=ctx.device), 0, False  # loss, z-std: summed on the device
+    total_steps = args.epochs * loader.sampler.steps  # K of the BYOL momentum schedule
+    for views, _ in loader:
+        lr = lr_at(step)
+        common.set_lr(optimizer, lr)
+        views = [common.to_device(x, ctx, args.data, args.channels_last) for x in views]  # uint8 -> normalised float
+        with ctx.autocast():
+            p, z = model(views)
+        loss = training_loss(p, z, args)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()  # AMP: scaled only in fp16
+        scaler.step(optimizer)
+        scaler.update()
+        if args.framework == "byol":
+            common.unwrap(model).update_target(target_momentum(step, total_steps, args.ema_momentum, args.ema_schedule))
+        step += 1
+        z_std = common.embedding_std(z[0])  # collapse indicator on the targets y(v): ~1/sqrt(D) healthy, 0 collapsed
+        sums += torch.stack([loss.detach(), z_std])
+        n += 1
+        if step % args.log_every == 0 or step == stop_at:
+            if ctx.main:  # the only host sync in the loop
+                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}"), flush=True)
+            stopped = stop.agreed(ctx)  # DDP: every rank stops at the same step
+        if stopped or step >= stop_at:
+            break
+    loss, z_std = (sums / max(n, 1)).tolist()
+    return step, dict(loss=loss, z_std=z_std), stopped
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ctx = common.setup(args)
+    pretrain_set, train_set, test_set = common.load_data(args, ctx)
+    loader, sampler = common.train_loader(pretrain_set, DSSLViews(args), args.batch_size, args.workers, args.seed, ctx)
+
+    heavy_targets = args.heavy == "on" and (args.weights[1] > 0 or args.weights[3] > 0)  # beta, delta use y(v^)
+    model = DSSL(args.framework, args.arch, args.image_size, args.proj_layers, heavy_targets).to(ctx.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ddp_model = common.ddp(model, ctx)  # SyncBN on GPUs: global BN (SimSiam, BYOL, SimCLR)
+    base_lr = args.lr * args.batch_size / 256  # Sec. 4.2: lr 0.03 x B/256 (SimSiam's rule)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=base_lr, momentum=0.9,
+                                weight_decay=args.weight_decay)  # SimSiam's SGD: momentum 0.9, decay on every weight
+    scaler = ctx.grad_scaler()
+    step = common.resume(args, model, optimizer, scaler)
+    common.start_run(args, ctx)  # after resume() accepted OUT's checkpoint: a refused run leaves OUT untouched
+
+    steps_per_epoch = sampler.steps
+    total_steps = args.epochs * steps_per_epoch
+    stop_at = min(total_steps, args.max_steps or total_steps)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    lr_at = functools.partial(common.lr_at, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr)
+    progress, stop = common.Progress(stop_at, step, args.batch_size), common.StopSignal()
+    if ctx.main:
+        print(f"dssl: {args.framework}, heavy views {args.heavy}, {args.arch} on {args.data} ({len(pretrain_set)} images), "
+              f"{ctx.world} process(es) on {ctx.device}, "
+              f"batch {args.batch_size}, lr {base_lr:.4g}, {steps_per_epoch} steps/epoch, from step {step}", flush=True)
+
+    epoch = step // steps_per_epoch
+    while step < stop_at:
+        sampler.set_epoch(epoch, start_step=step - epoch * steps_per_epoch)
+        progress.restart(step)
+        t0, first_step = time.perf_counter(), step
+        step, stats, stopped = train_one_epoch(ddp_model, loader, optimizer, scaler, lr_at, epoch, step, stop_at,
+                                               args, ctx, progress, stop)
+        elapsed = time.perf_counter() - t0
+        record = dict(epoch=epoch + 1, step=step, **stats, lr=lr_at(step - 1),
+                      images_per_s=(step - first_step) * args.batch_size / elapsed,
+                      time=elapsed, complete=step == (epoch + 1) * steps_per_epoch)
+        if record["complete"] and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step == total_steps):
+            record["knn_top1"] = common.knn_accuracy(model.backbone, train_set, test_set, common.num_classes(args.data, train_set),
+                                                     ctx, args.image_size, args.data, workers=args.workers)
+        if ctx.main:
+            common.save_run(args, model, model.backbone, optimizer, scaler, step, epoch=step // steps_per_epoch)
+            common.log_json(os.path.join(args.out, "log.jsonl"), record)
+            print(f"epoch {epoch + 1} {'done' if record['complete'] else 'saved mid-way'}: loss {stats['loss']:.4f}"
+                  + (f", kNN top-1 {record['knn_top1']:.2f}" if "knn_top1" in record else ""), flush=True)
+        if stopped:
+            if ctx.main:
+                print(f"stopped at step {step}; run the same command again to resume", flush=True)
+            break
+        epoch += 1
+    common.teardown()
+
+
+if __name__ == "__main__":
+    main()
