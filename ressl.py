@@ -1,0 +1,293 @@
+"""ReSSL: Relational Self-Supervised Learning with Weak Augmentation.
+Zheng, You, Wang, Qian, Zhang, Wang and Xu, NeurIPS 2021. https://arxiv.org/abs/2107.09282
+
+Idea: no instance is pushed away from another. A teacher (an EMA of the
+student, Eq. (6)) sees a WEAKLY augmented view and says how similar the image
+is to each of K past embeddings in a memory buffer Q; the student sees a
+strongly (contrastively) augmented view and must reproduce that relation. The
+teacher's relation is sharpened (tau_t < tau_s) so that it stresses the most
+similar entries (Sec. 3.2, 4.1). The student encoder f_s is what transfers.
+
+Objective: relational consistency, Eq. (3)-(5) and Algorithm 1:
+p_t = softmax(z_t Q^T / tau_t) (Eq. (3), a detached target), p_s =
+softmax(z_s Q^T / tau_s) (Eq. (4)), loss = H(p_t, p_s) (Eq. (5): the KL up to
+the constant H(p_t)). Q is read BEFORE this step's teacher keys enter it.
+
+Views: teacher: random resized crop (area 0.2-1) + flip only (Sec. 4.2,
+Table 4); student: crop 0.2-1, flip, colour distortion of strength 0.5 with
+p=0.8, grayscale p=0.2, Gaussian blur p=0.5 (Sec. 4). With several student
+crops (2x backprop, multi-crop, Sec. 5) each is matched to the same teacher
+relation and the loss is the mean over crops.
+
+    python ressl.py --data cifar10
+    torchrun --nproc_per_node=8 ressl.py --data imagenet --data-dir /datasets/imagenet
+
+Deviations from the paper:
+- The paper gives no batch size for CIFAR-size data; B=256 here (Table 5
+  runs K=256, so a batch fits the smallest buffer it reports).
+- Projection head without BN: hidden as wide as f's output and 128-d out on
+  CIFAR-size data (MoCo v2's head, which ReSSL builds on, Sec. 4; the paper
+  gives no sizes there); 4096 hidden, 512 out on ImageNet (Sec. 5).
+- Multi-crop area scales are not in the paper ("the same as AdCo"): a crop of
+  side s gets area (0.2 s/S, s/S) of the image, S = --image-size, as in
+  AdCo's and CLSA's code (96 px: 0.086-0.429).
+- The ImageNet warmup (5 epochs) and weight decay (1e-4) are not stated in
+  Sec. 5; they are the small-data warmup and MoCo v2's decay.
+"""
+import argparse
+import copy
+import functools
+import itertools
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description="ReSSL pre-training (Zheng et al. 2021)")
+    common.add_base_args(parser)
+    g = parser.add_argument_group("ReSSL")
+    g.add_argument("--tau-s", type=float, default=0.1, help="tau_s, student temperature, Eq. (4); 0.1 (Table 2)")
+    g.add_argument("--tau-t", type=float, default=0.04,
+                   help="tau_t, teacher temperature, Eq. (3), below tau_s for a sharper target (Sec. 3.2); 0.04 "
+                        "(Table 2, Sec. 5; 0.05 is best on CIFAR-10 and STL-10)")
+    g.add_argument("--ema-momentum", type=float, default=None,
+                   help="m, teacher EMA momentum, Eq. (6); 0.99 small, 0.996 STL-10/Tiny ImageNet (Sec. 4), 0.999 ImageNet")
+    g.add_argument("--queue-size", type=int, default=None,
+                   help="K, memory buffer size, Sec. 3.2; 4096 small, 16384 STL-10/Tiny ImageNet (Sec. 4), "
+                        "131072 ImageNet (Sec. 5: 130k)")
+    g.add_argument("--proj-dim", type=int, default=None,
+                   help="output size of the head g; 128 small (MoCo v2), 512 ImageNet (Sec. 5)")
+    g.add_argument("--proj-hidden", type=int, default=None,
+                   help="hidden size of the head g; as wide as f's output on small data (MoCo v2), 4096 ImageNet (Sec. 5)")
+    g.add_argument("--teacher-aug", default="weak", choices=("weak", "contrastive"),
+                   help="teacher view: weak = crop + flip (Sec. 4.2); contrastive = the student's recipe (Table 3, row 1)")
+    g.add_argument("--student-crops", type=int, nargs="+", default=None,
+                   help="sides of the student crops: one (1x backprop, default: --image-size), two equal (2x backprop, "
+                        "Table 6), or e.g. 224 192 160 128 96 (multi-crop, Table 7)")
+    g.add_argument("--bn-splits", type=int, default=None,
+                   help="BN groups per process, shuffle-BN simulated on one GPU (Sec. 4); default 8 in one process "
+                        "(MoCo's one-GPU recipe), 1 under torchrun (per-GPU BN, teacher batch shuffled across GPUs)")
+    args = parser.parse_args(argv)
+    if args.data == "stl10" and args.image_size is None:
+        args.image_size = 64  # Sec. 4: "medium" data sets are resized to 64x64
+    medium = args.data in ("stl10", "tinyimagenet")
+    recipes = {  # "small": Sec. 4 (CIFAR-size and "medium" data sets); "large": the ImageNet setting (Sec. 5)
+        "small": dict(arch="resnet18", epochs=200, batch_size=256, lr=0.06, weight_decay=5e-4, warmup_epochs=5,
+                      ema_momentum=0.996 if medium else 0.99, queue_size=16384 if medium else 4096, proj_dim=128),
+        "large": dict(arch="resnet50", epochs=200, batch_size=256, lr=0.05, weight_decay=1e-4, warmup_epochs=5,
+                      ema_momentum=0.999, queue_size=131072, proj_dim=512, proj_hidden=4096),
+    }
+    args = common.finish_args(args, "ressl", recipes)
+    world = int(os.environ.get("WORLD_SIZE", 1))  # DDP: set by torchrun, as common.setup reads it
+    if args.bn_splits is None:
+        args.bn_splits = 8 if world == 1 else 1
+    if args.student_crops is None:
+        args.student_crops = [args.image_size]
+    if min(args.tau_s, args.tau_t) <= 0 or not 0 <= args.ema_momentum <= 1:
+        common.fail("--tau-s and --tau-t must be positive and --ema-momentum between 0 and 1", common.USAGE)
+    if min(args.queue_size, args.proj_dim, 1 if args.proj_hidden is None else args.proj_hidden, args.bn_splits) < 1:
+        common.fail("--queue-size, --proj-dim, --proj-hidden and --bn-splits must be at least 1", common.USAGE)
+    if not all(16 <= s <= args.image_size for s in args.student_crops):
+        common.fail(f"--student-crops sides must lie between 16 and --image-size {args.image_size}", common.USAGE)
+    if args.batch_size % (world * args.bn_splits):
+        common.fail(f"--batch-size {args.batch_size} does not split into {world} process(es) x {args.bn_splits} "
+                    "BN groups; change --batch-size or --bn-splits", common.USAGE)
+    return args
+
+
+# ---------------------------------------------------------------------------
+# Views (Sec. 4, 4.2, 5)
+# ---------------------------------------------------------------------------
+
+class ReSSLViews:
+    """[teacher view T_w(x), student crop 1, ..., student crop C] (Algorithm 1)."""
+
+    def __init__(self, args):
+        contrastive = functools.partial(common.view_transform, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2,
+                                        p_blur=0.5)  # colour distortion of strength 0.5: SimCLR's (0.8s, 0.8s, 0.8s, 0.2s)
+        size = args.image_size
+        self.teacher = (common.view_transform(size, scale=(0.2, 1.0)) if args.teacher_aug == "weak"  # Table 4: crop + flip
+                        else contrastive(size, scale=(0.2, 1.0)))                                    # Table 3, row 1
+        self.students = [contrastive(s, scale=(0.2 * s / size, s / size)) for s in args.student_crops]  # AdCo's scales
+
+    def __call__(self, img):
+        return [common.to_tensor(self.teacher(img))] + [common.to_tensor(t(img)) for t in self.students]
+
+
+# ---------------------------------------------------------------------------
+# Model (Sec. 3.2, Algorithm 1): student f_s + g_s, teacher f_t + g_t = EMA of
+# the student (Eq. (6)), memory buffer Q of K past teacher embeddings
+# ---------------------------------------------------------------------------
+
+class ReSSL(nn.Module):
+    def __init__(self, arch, image_size, proj_dim, proj_hidden, queue_size, bn_splits, seed=0):
+        super().__init__()
+        self.backbone, dim = common.resnet(arch, image_size)   # f_s: [B, 3, S, S] -> h [B, dim]
+        common.split_bn(self.backbone, bn_splits)               # Sec. 4: BN statistics per group of the batch
+        hidden = proj_hidden or dim
+        self.projector = nn.Sequential(                         # g_s: two layers, Sec. 3.1
+            nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, proj_dim))
+        self.teacher = nn.Sequential(copy.deepcopy(self.backbone), copy.deepcopy(self.projector))  # f_t, g_t
+        self.teacher.requires_grad_(False)                      # trained only by Eq. (6)
+        # Q: [K, D] L2-normalised rows, FIFO; random until K keys have arrived (as MoCo's queue).
+        # Drawn from `seed` alone, so every process starts from the same Q.
+        queue = torch.randn(queue_size, proj_dim, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("queue", F.normalize(queue, dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        # DDP: Q is identical on every process by construction (same seed, same gathered keys), so it is left
+        # out of DDP's buffer broadcast before every forward (131072 x 512 floats, 256 MB, on ImageNet).
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ["queue", "queue_ptr"])
+
+    def forward(self, x_t, crops, shuffle_seed):
+        """x_t: [n, 3, S, S] teacher view; crops: list of C student views [n, 3, s_c, s_c].
+        Returns z_t [n, D] (no gradient) and a list of C student embeddings z_s [n, D]."""
+        with torch.no_grad():
+            # Shuffle-BN (MoCo): the teacher normalises over other images than the student, so
+            # batch statistics cannot tell it which row is which. The permutation comes from the step.
+            x, unshuffle = common.batch_shuffle(x_t, shuffle_seed)
+            z_t = common.batch_unshuffle(self.teacher(x), unshuffle)
+        z_s = []
+        for _, group in itertools.groupby(crops, key=lambda x: x.shape[-1]):  # crops of one size in one pass (SwAV)
+            group = list(group)
+            z_s.extend(self.projector(self.backbone(torch.cat(group))).chunk(len(group)))
+        return z_t, z_s
+
+    @torch.no_grad()
+    def update_teacher(self, m):
+        """Eq. (6): theta_t <- m theta_t + (1 - m) theta_s for f and g. The teacher's BN running
+        statistics are its own (its forward passes), as for MoCo's key encoder."""
+        student = itertools.chain(self.backbone.parameters(), self.projector.parameters())
+        for p_t, p_s in zip(self.teacher.parameters(), student):
+            p_t.mul_(m).add_(p_s.detach(), alpha=1 - m)
+
+    @torch.no_grad()
+    def enqueue(self, keys):
+        """FIFO: write keys [B, D] (all processes' teacher embeddings) over the oldest rows of Q,
+        wrapping around the end; when B > K only the newest K survive, as if written one by one."""
+        K, B = self.queue.shape[0], keys.shape[0]
+        rows = (self.queue_ptr + torch.arange(B, device=keys.device)) % K
+        self.queue[rows[-K:]] = F.normalize(keys[-K:].float(), dim=1)
+        self.queue_ptr.copy_((self.queue_ptr + B) % K)
+
+
+# ---------------------------------------------------------------------------
+# Loss: relational consistency, Eq. (3)-(5)
+# ---------------------------------------------------------------------------
+
+def relational_loss(z_student, z_teacher, queue, tau_s, tau_t):
+    """Eq. (3)-(5). z_student, z_teacher: [N, D] embeddings of two views of the
+    same N images (any float dtype); queue: [K, D] memory buffer. Returns a
+    float32 scalar: mean over i of H(p_t_i, p_s_i) = -sum_k p_t_ik log p_s_ik,
+    with p_t_i = softmax_k(sim(z_t_i, Q_k) / tau_t) detached (a target) and
+    p_s_i = softmax_k(sim(z_s_i, Q_k) / tau_s). Only Q is compared with: no
+    positive column."""
+    z_s = F.normalize(z_student.float(), dim=1)
+    z_t = F.normalize(z_teacher.detach().float(), dim=1)
+    queue = F.normalize(queue.detach().float(), dim=1)
+    p_t = F.softmax(z_t @ queue.T / tau_t, dim=1)               # Eq. (3): [N, K], sharper (tau_t < tau_s)
+    log_p_s = F.log_softmax(z_s @ queue.T / tau_s, dim=1)       # Eq. (4): [N, K]
+    return -(p_t * log_p_s).sum(dim=1).mean()                   # Eq. (5): H(p_t, p_s); H(p_t) is a constant
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_at, args, ctx, progress, stop):
+    """Trains from optimizer step `step` to the end of the epoch (or stop_at,
+    or a stop request). Returns (step, epoch means of loss and z-std, stopped)."""
+    model.train()
+    net = common.unwrap(model)  # the teacher and Q are updated outside the DDP forward
+    sums, n, stopped = torch.zeros(2, device=ctx.device), 0, False  # loss, z-std: summed on the device
+    for (x_t, *crops), _ in loader:
+        lr = lr_at(step)
+        common.set_lr(optimizer, lr)
+        x_t = common.to_device(x_t, ctx, args.data, args.channels_last)  # uint8 -> normalised float
+        crops = [common.to_device(x, ctx, args.data, args.channels_last) for x in crops]
+        with ctx.autocast():
+            z_t, z_s = model(x_t, crops, shuffle_seed=args.seed * 2 ** 32 + step)  # exact resume: seed from the step
+        # Every student crop is matched to the same teacher relation, against Q before this step's keys.
+        loss = torch.stack([relational_loss(z, z_t, net.queue, args.tau_s, args.tau_t) for z in z_s]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()  # AMP: scaled only in fp16
+        scaler.step(optimizer)
+        scaler.update()
+        net.update_teacher(args.ema_momentum)       # Algorithm 1: after the student's update
+        net.enqueue(common.concat_all_gather(z_t))  # DDP: every process enqueues the same global batch of keys
+        step += 1
+        z_std = common.embedding_std(z_s[0])  # collapse indicator: ~1/sqrt(D) healthy, 0 collapsed
+        sums += torch.stack([loss.detach(), z_std])
+        n += 1
+        if step % args.log_every == 0 or step == stop_at:
+            if ctx.main:  # the only host sync in the loop
+                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}"), flush=True)
+            stopped = stop.agreed(ctx)  # DDP: every rank stops at the same step
+        if stopped or step >= stop_at:
+            break
+    loss, z_std = (sums / max(n, 1)).tolist()
+    return step, dict(loss=loss, z_std=z_std), stopped
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ctx = common.setup(args)
+    pretrain_set, train_set, test_set = common.load_data(args, ctx)
+    loader, sampler = common.train_loader(pretrain_set, ReSSLViews(args), args.batch_size, args.workers, args.seed, ctx)
+
+    model = ReSSL(args.arch, args.image_size, args.proj_dim, args.proj_hidden, args.queue_size, args.bn_splits,
+                  args.seed).to(ctx.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ddp_model = common.ddp(model, ctx, sync_bn=False)  # per-GPU BN; shuffle-BN for the teacher (Sec. 4, MoCo)
+    base_lr = args.lr * args.batch_size / 256  # Sec. 4: 0.06 x B/256; Sec. 5: 0.05 x B/256
+    student = [p for p in model.parameters() if p.requires_grad]  # the teacher follows Eq. (6) alone
+    optimizer = torch.optim.SGD(student, lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)  # Sec. 4
+    scaler = ctx.grad_scaler()
+    step = common.resume(args, model, optimizer, scaler)
+    common.start_run(args, ctx)  # after resume() accepted OUT's checkpoint: a refused run leaves OUT untouched
+
+    steps_per_epoch = sampler.steps
+    total_steps = args.epochs * steps_per_epoch
+    stop_at = min(total_steps, args.max_steps or total_steps)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    lr_at = functools.partial(common.lr_at, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr)
+    progress, stop = common.Progress(stop_at, step, args.batch_size), common.StopSignal()
+    if ctx.main:
+        print(f"ressl: {args.arch} on {args.data} ({len(pretrain_set)} images), {ctx.world} process(es) on {ctx.device}, "
+              f"batch {args.batch_size}, lr {base_lr:.4g}, {steps_per_epoch} steps/epoch, from step {step}", flush=True)
+
+    epoch = step // steps_per_epoch
+    while step < stop_at:
+        sampler.set_epoch(epoch, start_step=step - epoch * steps_per_epoch)
+        progress.restart(step)
+        t0, first_step = time.perf_counter(), step
+        step, stats, stopped = train_one_epoch(ddp_model, loader, optimizer, scaler, lr_at, epoch, step, stop_at,
+                                               args, ctx, progress, stop)
+        elapsed = time.perf_counter() - t0
+        record = dict(epoch=epoch + 1, step=step, **stats, lr=lr_at(step - 1),
+                      images_per_s=(step - first_step) * args.batch_size / elapsed,
+                      time=elapsed, complete=step == (epoch + 1) * steps_per_epoch)
+        if record["complete"] and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step == total_steps):
+            record["knn_top1"] = common.knn_accuracy(model.backbone, train_set, test_set, common.num_classes(args.data, train_set),
+                                                     ctx, args.image_size, args.data, workers=args.workers)
+        if ctx.main:
+            common.save_run(args, model, model.backbone, optimizer, scaler, step, epoch=step // steps_per_epoch)
+            common.log_json(os.path.join(args.out, "log.jsonl"), record)
+            print(f"epoch {epoch + 1} {'done' if record['complete'] else 'saved mid-way'}: loss {stats['loss']:.4f}"
+                  + (f", kNN top-1 {record['knn_top1']:.2f}" if "knn_top1" in record else ""), flush=True)
+        if stopped:
+            if ctx.main:
+                print(f"stopped at step {step}; run the same command again to resume", flush=True)
+            break
+        epoch += 1
+    common.teardown()
+
+
+if __name__ == "__main__":
+    main()
