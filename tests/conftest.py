@@ -1,8 +1,10 @@
 """Shared test helpers: run a script as a user would, and find real data."""
 import argparse
+import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -14,9 +16,11 @@ sys.path.insert(0, ROOT)
 ENV = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
 
 
-def run(args, timeout=600, check=True):
-    """Run `python args...` in the repository root; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+def run(args, timeout=600, check=True, threads=2):
+    """Run `python args...` in the repository root; returns the CompletedProcess.
+    threads=1 for runs started two at a time (2 x 2 threads on 2 cores is much slower)."""
+    env = dict(ENV, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}")
     return proc
@@ -48,3 +52,21 @@ def ctx():
     state = torch.get_rng_state()
     yield common.setup(argparse.Namespace(seed=0, amp="off"))
     torch.set_rng_state(state)
+
+
+_random_init = {}
+
+
+def random_init_knn(data_dir, subset, image_size=32):
+    """kNN top-1 of a randomly initialised resnet_small on the real CIFAR-10 (the
+    first `subset` training images as the bank, all test images): the baseline of
+    the learning checks, computed once per setting and shared by them."""
+    key = (data_dir, subset, image_size)
+    if key not in _random_init:
+        with tempfile.TemporaryDirectory() as tmp:
+            run(["evaluate.py", "--random-init", "--arch", "resnet_small", "--data", "cifar10", "--data-dir", data_dir,
+                 "--no-download", "--subset", str(subset), "--image-size", str(image_size), "--workers", "2",
+                 "--no-linear", "--json", os.path.join(tmp, "random.json")])
+            with open(os.path.join(tmp, "random.json")) as f:
+                _random_init[key] = json.load(f)["knn_top1"]
+    return _random_init[key]

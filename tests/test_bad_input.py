@@ -89,7 +89,7 @@ def outcomes(trained, paths):
     }
     assert commands.keys() == CASES.keys()
     with ThreadPoolExecutor(2) as pool:
-        procs = list(pool.map(lambda args: run(args, check=False), commands.values()))
+        procs = list(pool.map(lambda args: run(args, check=False, threads=1), commands.values()))
     return dict(zip(commands, procs))
 
 

@@ -485,7 +485,7 @@ OUT_DIM = {"simsiam": 2048, "byol": 256, "simclr": 128}
 
 def train(framework, out, max_steps, extra=()):
     return run([*TRAIN, "--framework", framework, *FRAMEWORKS[framework], "--out", str(out),
-                "--max-steps", str(max_steps), *extra])
+                "--max-steps", str(max_steps), *extra], threads=1)
 
 
 def load(path):
@@ -499,7 +499,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dssl")
     first = [(f, root / f"{f}-a", 6, ["--resume", "none"]) for f in FRAMEWORKS]
     first += [(f, root / f"{f}-b", 3, ["--resume", "none"]) for f in FRAMEWORKS]
-    with ThreadPoolExecutor(2) as pool:  # two at a time: start-up is mostly single-threaded
+    with ThreadPoolExecutor(2) as pool:  # two at a time, one thread each
         list(pool.map(lambda job: train(*job), first))
         resumed = pool.map(lambda f: train(f, root / f"{f}-b", 6).stdout, FRAMEWORKS)
         return {f: (root / f"{f}-a", root / f"{f}-b", stdout) for f, stdout in zip(FRAMEWORKS, resumed)}
