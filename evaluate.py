@@ -91,6 +91,7 @@ def load_backbone(args):
         if getattr(args, name) is None:
             common.fail(f"--{name.replace('_', '-')} is needed: {args.ckpt or 'a random backbone'} does not say it", common.USAGE)
     # The stem belongs to the network that was trained, whatever size we evaluate at.
+    torch.manual_seed(args.seed)  # --random-init: the same network on every run and every rank
     backbone, dim = common.resnet(args.arch, saved.get("image_size", args.image_size))
     if state is not None:
         common.load_strict(backbone, state, args.ckpt)

@@ -558,8 +558,8 @@ def test_clsa_learns_on_cifar10(cifar10_dir, tmp_path):
     """64 CLSA steps of the small backbone lift the kNN accuracy above the random network's.
 
     Measured on a 2-core CPU (resnet_small, the first 2,048 training images as the kNN bank, all
-    10,000 test images): random init 23.6-24.2% (two runs), after 64 steps at batch 64 with the
-    flags below 25.71% (+1.5 to +2.1 points). The test asks for +0.8. At this scale MoCo-style
+    10,000 test images): random init (seed 0) 22.34%, after 64 steps at batch 64 with the flags
+    below 25.71% (+3.4 points). The test asks for +1.5. At this scale MoCo-style
     training leaves its starting point slowly: the loss stays near 2 log(1+K) and the embeddings
     alike (z-std 0.01) for the first hundred steps; with tau 0.2, 60 steps on 2,560 images gave
     no gain at all.
@@ -573,4 +573,4 @@ def test_clsa_learns_on_cifar10(cifar10_dir, tmp_path):
     trained = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()][-1]["knn_top1"]
     random_init = random_init_knn(cifar10_dir, 2048)
     print(f"kNN top-1 on CIFAR-10: random init {random_init:.2f}%, after 64 CLSA steps {trained:.2f}%")
-    assert trained >= random_init + 0.8, (random_init, trained)
+    assert trained >= random_init + 1.5, (random_init, trained)

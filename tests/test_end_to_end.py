@@ -87,6 +87,7 @@ def evals(run_a, tmp_path_factory):
         "backbone.pt": ["--ckpt", str(out / "backbone.pt")],
         "override": ["--ckpt", str(out / "last.pt"), "--data", "synthetic", "--image-size", "48"],
         "random": ["--random-init", "--arch", "resnet_small", "--data", "synthetic"],
+        "random_again": ["--random-init", "--arch", "resnet_small", "--data", "synthetic"],
     }
     procs = run_both(*([*EVAL, *extra, "--json", str(where / f"{name}.json")] for name, extra in commands.items()))
     return {name: (proc, json.loads((where / f"{name}.json").read_text())) for name, proc in zip(commands, procs)}
@@ -196,6 +197,13 @@ def test_evaluate_random_init_baseline(evals):
     """--random-init with --arch and --data evaluates an untrained backbone."""
     result = evals["random"][1]
     assert result["ckpt"] is None and result["image_size"] == 32
+
+
+def test_evaluate_random_init_is_the_same_network_every_run(evals):
+    """The random backbone comes from --seed: two runs give the same figures (a baseline
+    that changed from run to run would make every "gain over random init" noisy)."""
+    first, again = evals["random"][1], evals["random_again"][1]
+    assert first["knn_top1"] == again["knn_top1"] and first["linear_top1"] == again["linear_top1"]
 
 
 # ---------------------------------------------------------------------------
