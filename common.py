@@ -748,16 +748,19 @@ def batch_shuffle(x, seed):
     is broadcast; a seed derived from the step keeps resumed runs exact."""
     x_all = concat_all_gather(x)
     perm = torch.randperm(x_all.shape[0], generator=torch.Generator().manual_seed(seed)).to(x.device)
-    rank, n = (dist.get_rank() if world_size() > 1 else 0), x.shape[0]
-    return x_all[perm[rank * n:(rank + 1) * n]], torch.argsort(perm)
+    return x_all[_own_rows(perm, x.shape[0])], torch.argsort(perm)
 
 
 @torch.no_grad()
 def batch_unshuffle(y, unshuffle):
     """Undo batch_shuffle on the outputs y [n, ...]: row i is again image i of this process."""
-    y_all = concat_all_gather(y)
-    rank, n = (dist.get_rank() if world_size() > 1 else 0), y.shape[0]
-    return y_all[unshuffle[rank * n:(rank + 1) * n]]
+    return concat_all_gather(y)[_own_rows(unshuffle, y.shape[0])]
+
+
+def _own_rows(order, n):
+    """This process's n entries of an order over the global batch (rank r: entries r*n to (r+1)*n)."""
+    rank = dist.get_rank() if world_size() > 1 else 0
+    return order[rank * n:(rank + 1) * n]
 
 
 class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
