@@ -24,6 +24,15 @@ independently and applied to the same image d_i): basic = random resized crop,
 colour jitter, random grayscale, horizontal flip, Gaussian blur; auxiliary = its
 own random resized crop + flip, then AutoAugment's published policy for the
 data set (CIFAR10, SVHN or IMAGENET), or RandAugment(2 ops, magnitude 10).
+Blur: SimCLR's (App. A: kernel 10% of the side, sigma 0.1-2, p=0.5), since the
+paper lists blur among the basic ops and says they follow SimCLR.
+
+Evaluation (Sec. Experiments, "Evaluation protocols"): kNN on "low-dim
+features of the last layer", i.e. the 128-d embedding g(f(x)) (every kNN
+number of Tables 1-7), and the linear probe on "the features before the last
+layer", h = f(x) (Adam lr 0.01, 50 epochs, cosine). The in-training kNN
+monitor uses the embedding (--knn-features); evaluate.py --features embedding
+reads it from last.pt.
 
     python aag.py --data cifar10
     torchrun --nproc_per_node=8 aag.py --data imagenet --data-dir /datasets/imagenet
@@ -35,10 +44,20 @@ Deviations from the paper:
   the paper says it follows (their code has no blur: --blur 0).
 - The paper trains only on 32 px data; the ImageNet/folder defaults
   (ResNet-50 with the MLP head of Table 6, B=256) are this script's choice.
-- The kNN monitor uses the backbone features h (as evaluate.py); the paper's
-  kNN (and the authors' code) uses the 128-d embedding.
-- The StepLR ablation row of Table 7 is not offered (its milestones are not
-  given); GNT-Xent inside ISIF / SimCLR (Table 5) belongs to those methods.
+- Table 7 (iii) "with StepLR": --schedule step. The paper gives no
+  milestones; the default --milestones 120 (lr x0.1 from epoch 120 of 200) is
+  the StepLR of ISIF's CIFAR trainer (mangye16/Unsupervised_Embedding_Learning
+  `demo_seen.py`, whose later branches never fire), the recipe AAG's settings
+  come from (lr 0.03, B=128, wd 5e-4, tau 0.1) and whose StepLR the paper says
+  it replaced with cosine. GNT-Xent inside ISIF / SimCLR (Table 5) belongs to
+  those methods.
+- The authors' MindSpore port (mindspore-ai/models research/cv/AVA_cifar)
+  differs from the paper in defaults this file does not take: RandAugment(2,
+  10) as the auxiliary view (here --aux-policy randaugment; the paper's default
+  is AutoAugment), batch 96 (here 128, Sec. Experiments) and an MLP head
+  without ReLU (here Table 6's "2-layer MLP as SimCLR does", with ReLU).
+- --arch alexnet is the CIFAR AlexNet of the AND/ISIF baselines (common.py);
+  the paper does not describe its AlexNet beyond citing Krizhevsky et al.
 - On several GPUs BN is synchronised (SyncBN), so the step equals the
   paper's one-GPU step on the same batch.
 - L_xy follows Algorithm 1 term by term; the authors' MindSpore code builds
@@ -61,7 +80,7 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(description="AAG pre-training (auxiliary augmentation + GNT-Xent)")
     common.add_base_args(parser)
     g = parser.add_argument_group("AAG")
-    g.add_argument("--tau", type=float, default=0.1,
+    g.add_argument("--tau", type=common.positive_float, default=0.1,
                    help="tau, temperature of s(a,b) = cos(a,b)/tau, Eq. (2) and Algorithm 1; 0.1 (Sec. Experiments)")
     g.add_argument("--loss", default="gnt-xent", choices=("gnt-xent", "nt-xent"),
                    help="gnt-xent: no positive in any denominator (Eq. (4), Algorithm 1); nt-xent: exp(s+) added back "
@@ -73,13 +92,22 @@ def get_args(argv=None):
     g.add_argument("--head", default=None, choices=("linear", "mlp"),
                    help="head to the embedding: linear (Sec. Experiments; default on CIFAR-size data) or SimCLR's "
                         "2-layer MLP (Table 6; default on imagenet/folder)")
-    g.add_argument("--proj-dim", type=int, default=128, help="embedding size of the last layer, Sec. Experiments; 128")
-    g.add_argument("--crop-min", type=float, default=0.2,
+    g.add_argument("--proj-dim", type=common.positive_int, default=128, help="embedding size of the last layer, Sec. Experiments; 128")
+    g.add_argument("--crop-min", type=common.probability, default=0.2,
                    help="smallest crop area of basic op i and of the auxiliary view's crop; 0.2 (authors' code)")
-    g.add_argument("--jitter", type=float, default=0.4,
+    g.add_argument("--jitter", type=common.nonneg_float, default=0.4,
                    help="brightness, contrast, saturation and hue of basic op ii (ColorJitter); 0.4 (authors' code)")
-    g.add_argument("--blur", type=float, default=0.5,
-                   help="probability of Gaussian blur, basic op v; 0.5 as in SimCLR App. A (the authors' code: 0)")
+    g.add_argument("--blur", type=common.probability, default=0.5,
+                   help="probability of Gaussian blur, basic op v; 0.5 with SimCLR's kernel, App. A (the authors' code: 0)")
+    g.add_argument("--schedule", default="cosine", choices=("cosine", "step"),
+                   help="cosine without restarts (Sec. Experiments) or step, lr x0.1 at each of --milestones "
+                        "(Table 7 (iii) 'with StepLR')")
+    g.add_argument("--milestones", type=common.positive_int, nargs="+", default=[120],
+                   help="epochs at which --schedule step multiplies the lr by 0.1; 120 (ISIF's StepLR, the one the "
+                        "paper replaced; the paper gives none)")
+    g.add_argument("--knn-features", default="embedding", choices=("embedding", "backbone"),
+                   help="features of the kNN monitor: the 128-d embedding, the last layer, as every kNN number in the "
+                        "paper (Sec. Experiments, Evaluation protocols), or the backbone's h")
     args = parser.parse_args(argv)
     recipes = {  # "small": Sec. Experiments (Table 1); "large": not in the paper (see Deviations)
         "small": dict(arch="resnet18", epochs=200, batch_size=128, lr=0.03, weight_decay=5e-4, head="linear"),
@@ -90,7 +118,19 @@ def get_args(argv=None):
         args.warmup_epochs = 10 if args.batch_size > 256 else 0
     if args.batch_size < 2:
         common.fail(f"--batch-size {args.batch_size} leaves GNT-Xent without negatives; use at least 2", common.USAGE)
+    if args.schedule == "step" and any(m < 1 or m >= args.epochs for m in args.milestones):
+        common.fail(f"--milestones {' '.join(map(str, args.milestones))} must lie between 1 and --epochs - 1 "
+                    f"({args.epochs - 1})", common.USAGE)
     return args
+
+
+def step_lr(step, total_steps, warmup_steps, base_lr, steps_per_epoch, milestones):
+    """Table 7 (iii): the same linear warmup as the cosine schedule, then base_lr
+    x 0.1 for every milestone epoch reached (StepLR). total_steps is unused and
+    kept so both schedules take the same arguments."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    return base_lr * 0.1 ** sum(step >= m * steps_per_epoch for m in milestones)
 
 
 # ---------------------------------------------------------------------------
@@ -107,7 +147,7 @@ class AAGViews:
         j = args.jitter
         # G_basic, ops i-v; jitter on every view (p=1) and grayscale p=0.2 as in the authors' code.
         self.basic = common.view_transform(args.image_size, scale=(args.crop_min, 1.0), jitter=(j, j, j, j),
-                                           p_jitter=1.0, p_gray=0.2, p_blur=args.blur)
+                                           p_jitter=1.0, p_gray=0.2, p_blur=args.blur, blur="kernel")
         crop = common.view_transform(args.image_size, scale=(args.crop_min, 1.0))  # crop + flip only
         self.aux = {"autoaugment": T.Compose([crop, common.autoaugment(args.data)]),  # CIFAR10/SVHN/IMAGENET policy
                     "randaugment": T.Compose([crop, common.randaugment(2, 10)]),      # Table 7, (v)
@@ -184,7 +224,7 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
     """Trains from optimizer step `step` to the end of the epoch (or stop_at,
     or a stop request). Returns (step, epoch means of loss and z-std, stopped)."""
     model.train()
-    sums, n, stopped = torch.zeros(2, device=ctx.device), 0, False  # loss, z-std: summed on the device
+    sums, n, stopped = torch.zeros(3, device=ctx.device), 0, False  # loss, z-std, skipped steps: summed on the device
     for views, _ in loader:
         lr = lr_at(step)
         common.set_lr(optimizer, lr)
@@ -198,20 +238,20 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
         loss = gnt_xent_loss(x, y, z, args.tau, keep_positive=args.loss == "nt-xent")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # AMP: scaled only in fp16
-        scaler.step(optimizer)
-        scaler.update()
+        skipped = common.scaler_step(scaler, optimizer)  # AMP: 1 where fp16 skipped a step with overflowing gradients
         step += 1
         z_std = common.embedding_std(x)  # collapse indicator: ~1/sqrt(D) healthy, 0 collapsed
-        sums += torch.stack([loss.detach(), z_std])
+        sums += torch.stack([loss.detach(), z_std, skipped])
         n += 1
         if step % args.log_every == 0 or step == stop_at:
             if ctx.main:  # the only host sync in the loop
                 print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}"), flush=True)
-            stopped = stop.agreed(ctx)  # DDP: every rank stops at the same step
+            # DDP: every rank stops at the same step; a non-finite loss ends the run in one line
+            stopped = stop.agreed(ctx, loss, step, lr, scaler)
         if stopped or step >= stop_at:
             break
-    loss, z_std = (sums / max(n, 1)).tolist()
-    return step, dict(loss=loss, z_std=z_std), stopped
+    loss, z_std, skipped = sums.tolist()
+    return step, dict(loss=loss / max(n, 1), z_std=z_std / max(n, 1), skipped_steps=round(skipped)), stopped
 
 
 def main(argv=None):
@@ -235,7 +275,13 @@ def main(argv=None):
     total_steps = args.epochs * steps_per_epoch
     stop_at = min(total_steps, args.max_steps or total_steps)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    lr_at = functools.partial(common.lr_at, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr)
+    if args.schedule == "cosine":  # Sec. Experiments: CosineLR without restarts
+        lr_at = functools.partial(common.lr_at, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr)
+    else:
+        lr_at = functools.partial(step_lr, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr,
+                                  steps_per_epoch=steps_per_epoch, milestones=args.milestones)
+    # kNN on the last layer's output (the paper's protocol) or on h: same weights, no copy.
+    knn_net = nn.Sequential(model.backbone, model.projector) if args.knn_features == "embedding" else model.backbone
     progress, stop = common.Progress(stop_at, step, args.batch_size), common.StopSignal()
     if ctx.main:
         print(f"aag: {args.arch} on {args.data} ({len(pretrain_set)} images), {ctx.world} process(es) on {ctx.device}, "
@@ -253,7 +299,7 @@ def main(argv=None):
                       images_per_s=(step - first_step) * args.batch_size / elapsed,
                       time=elapsed, complete=step == (epoch + 1) * steps_per_epoch)
         if record["complete"] and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step == total_steps):
-            record["knn_top1"] = common.knn_accuracy(model.backbone, train_set, test_set, common.num_classes(args.data, train_set),
+            record["knn_top1"] = common.knn_accuracy(knn_net, train_set, test_set, common.num_classes(args.data, train_set),
                                                      ctx, args.image_size, args.data, workers=args.workers)
         if ctx.main:
             common.save_run(args, model, model.backbone, optimizer, scaler, step, epoch=step // steps_per_epoch)

@@ -5,37 +5,57 @@ Idea: MoCo v2 (a query encoder, a momentum key encoder and a queue of past
 keys) plus strongly augmented views S(x). Pushing S(x) straight onto its key
 hurts (Table 4): the distortions can destroy the image's identity. Instead the
 strong query is asked to match the weak query's DISTRIBUTION of similarities
-over the bank of the positive key and the K queued keys (Sec. 3.2).
+over the representation bank: the keys of the current batch and the K queued
+keys (Sec. 3.2, under Eq. (3)).
 
-Objective: L = L_C + beta * sum over strong views of L_D (Algorithm 1, line 7).
-L_C is the contrastive loss of the weak query against its key and the queue,
-Eq. (1); L_D is the cross-entropy from p(.|z'), the weak query's softmax over
-the 1+K bank (a fixed target), to p(.|z''), the strong query's, Eq. (3)-(4).
+Objective: L = sum_w L_C + beta * sum_(w, s) L_D (Algorithm 1, line 7; Sec. 4.2).
+L_C is the contrastive loss of a weak query against the bank, its own key the
+positive, Eq. (1); L_D is the cross-entropy from p(.|z'), a weak query's softmax
+over the bank (a fixed target), to p(.|z''), a strong query's, Eq. (3)-(4).
+CLSA-Single: one weak query, one strong view (1 L_C + 1 L_D). CLSA-Multi: a
+weak query and a strong view at each of 5 sizes (5 L_C + 25 L_D).
 
-Views (Sec. 3.3): key T(x) and weak query T'(x) are two draws of the MoCo v2
-augmentation (crop 0.2-1, jitter 0.4/0.4/0.4/0.1 p=0.8, grayscale p=0.2, blur
-p=0.5, flip); a strong view is its own weak-style crop at its own size, then
-5 draws of one of the 14 Table 1 ops, each applied with p=0.5. CLSA-Single:
-one 96 px strong crop (ImageNet); CLSA-Multi: --strong-sizes 224 192 160 128 96.
+Views (Sec. 3.3): key T(x) and weak queries T'(x) are draws of the MoCo v2
+augmentation (crop 0.2-1, jitter 0.4/0.4/0.4/0.1 p=0.8, grayscale p=0.2, PIL
+blur p=0.5, flip); a strong view is its own weak-style crop at its own size,
+then 5 draws of one op of the pool, each applied with p=0.5.
 
     python clsa.py --data cifar10
     torchrun --nproc_per_node=8 clsa.py --data imagenet --data-dir /datasets/imagenet
 
-Deviations from the paper:
-- The paper has no CIFAR-size recipe: those data sets get MoCo v2's CIFAR one
-  (MoCo's CIFAR demo: ResNet-18 with the CIFAR stem, K=4096, alpha 0.99,
-  lr 0.06 x B/256, wd 5e-4, B=512, 200 epochs, cosine, no blur, BN over 8
-  groups, head hidden layer as wide as f's output: 512) with one strong view
-  at the image size and the paper's tau 0.2 (the demo uses 0.1).
+Deviations from the paper (default = what produced the paper's numbers):
+- The bank of L_C and L_D is [all keys of the global batch, the queue], query
+  i's positive at its own key, as in every command of the authors' code
+  (maple-research-lab/CLSA, model/CLSA.py) and the text under Eq. (3); Eq. (1)
+  and (3) as printed have one positive per query. The other keys of the batch
+  are extra negatives.
+- The strong ops: the authors' pool (data_processing/RandAugment.py, the
+  FixMatch pool): Identity in place of Invert, each magnitude a fraction
+  v/10, v uniform in 1..9, of the op's maximum (+ its offset), a random sign
+  for the geometric ops. `--strong-ops paper` draws Table 1's 14 ops with
+  magnitudes uniform over Table 1's ranges.
+- CLSA-Multi as the authors' command (cmd/run_multi.sh, --pick_weak 0 1 2 3 4
+  --pick_strong 0 1 2 3 4): a weak query at every strong size too
+  (`--weak-sizes 224 192 160 128 96`), every weak query's distribution the
+  target of every strong view. Sec. 4.2 reads as one weak query:
+  `--weak-sizes 224` with the five `--strong-sizes`.
+- The paper has no CIFAR-size recipe: those data sets get MoCo's CIFAR demo
+  values (ResNet-18 with the CIFAR stem, K=4096, alpha 0.99, lr 0.06 at B=512,
+  i.e. 0.03 x B/256, wd 5e-4, 200 epochs, cosine, no blur, BN over 8 groups)
+  with one strong view at the image size and the paper's tau 0.2 (the demo:
+  0.1). This project's choices, not the demo's: the weak crop 0.2-1 (the
+  demo: 0.08-1) and the 2-layer MLP head, hidden as wide as f's output (512;
+  the demo's head is linear).
 - The paper trains on 8 GPUs with shuffle-BN. In one process the BN of both
   encoders normalises over --bn-splits groups of the batch (8, as MoCo's
   CIFAR demo) and the key batch is shuffled first, which simulates it.
-- Sec. 3.3 does not say how the strong crops are drawn; this file crops each
-  strong view on its own with the weak crop's area range scaled by
-  size / image size (0.086-0.429 for 96 px of 224, as in the authors' code).
-- Follows the paper where the authors' code differs: one weak query (Sec. 4.2),
-  a bank of [own key, queue] (Eq. (3)); their CLSA-Multi command also trains a
-  weak crop at every strong size and puts all current keys in the bank.
+- Sec. 3.3 does not say how the crops are drawn: each view is cropped on its
+  own with the area range 0.2-1 scaled by size / image size (0.086-0.429 for
+  96 px of 224), the authors' command's ranges.
+- This project's plumbing, not the authors': bicubic resizing in the crops
+  (theirs: bilinear), the cosine schedule updated every step (theirs: every
+  epoch), and bf16 autocast on GPUs with `--amp auto` (theirs: float32; the
+  losses are computed in float32 either way).
 """
 import argparse
 import copy
@@ -51,41 +71,52 @@ import torchvision.transforms as T
 import common
 
 VARIANTS = ("clsa", "mocov2", "strong-query", "strong-query-key", "contrastive")
+STRONG_QUERY = ("strong-query", "strong-query-key")  # the Table 4 rows without a weak query
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="CLSA pre-training (Wang and Qi 2021)")
     common.add_base_args(parser)
     g = parser.add_argument_group("CLSA")
-    g.add_argument("--tau", type=float, default=0.2, help="tau, temperature of Eq. (1) and (3); 0.2, Sec. 3.1")
-    g.add_argument("--beta", type=float, default=1.0, help="beta, weight of L_D, Algorithm 1; 1.0, Sec. 3.3")
-    g.add_argument("--queue-size", type=int, default=None,
+    g.add_argument("--tau", type=common.positive_float, default=0.2, help="tau, temperature of Eq. (1) and (3); 0.2, Sec. 3.1")
+    g.add_argument("--beta", type=common.nonneg_float, default=1.0, help="beta, weight of L_D, Algorithm 1; 1.0, Sec. 3.3")
+    g.add_argument("--queue-size", type=common.positive_int, default=None,
                    help="K, keys in the queue Q, Eq. (1); 65536 ImageNet (Sec. 3.3), 4096 CIFAR (MoCo's CIFAR demo)")
-    g.add_argument("--ema-momentum", type=float, default=None,
+    g.add_argument("--ema-momentum", type=common.probability, default=None,
                    help="alpha, key encoder momentum, Algorithm 1 line 8; 0.999 ImageNet (Sec. 3.3), 0.99 CIFAR (MoCo's CIFAR demo)")
-    g.add_argument("--proj-dim", type=int, default=128, help="output size of the heads g, Sec. 3.3 (MoCo v2); 128")
-    g.add_argument("--hidden-dim", type=int, default=None,
+    g.add_argument("--proj-dim", type=common.positive_int, default=128, help="output size of the heads g, Sec. 3.3 (MoCo v2); 128")
+    g.add_argument("--hidden-dim", type=common.positive_int, default=None,
                    help="hidden width of the 2-layer MLP heads g; default: as wide as f's output (2048 for ResNet-50, "
-                        "Sec. 3.3; 512 for ResNet-18, MoCo's CIFAR demo)")
-    g.add_argument("--strong-sizes", type=int, nargs="+", default=None,
+                        "Sec. 3.3; 512 for ResNet-18)")
+    g.add_argument("--weak-sizes", type=common.positive_int, nargs="+", default=None,
+                   help="side of each weak query T'(x); default the image size (CLSA-Single); CLSA-Multi as the "
+                        "authors' command: 224 192 160 128 96")
+    g.add_argument("--weak-scales", type=common.probability, nargs="+", default=None,
+                   help="crop area range, one MIN MAX pair per weak size (default: 0.2-1 times size / image size)")
+    g.add_argument("--strong-sizes", type=common.positive_int, nargs="+", default=None,
                    help="side of each strong view S(x), Sec. 4.2; 96 ImageNet (CLSA-Single), the image size on CIFAR-size "
                         "data; CLSA-Multi: 224 192 160 128 96")
-    g.add_argument("--strong-scales", type=float, nargs="+", default=None,
+    g.add_argument("--strong-scales", type=common.probability, nargs="+", default=None,
                    help="crop area range, one MIN MAX pair per strong size (default: 0.2-1, the weak crop's, times "
-                        "size / image size: 0.086-0.429 for 96 of 224, the authors' code)")
-    g.add_argument("--strong-draws", type=int, default=5, help="ops drawn per strong view, Sec. 3.3; 5")
-    g.add_argument("--strong-p", type=float, default=0.5, help="probability of applying each drawn op, Sec. 3.3; 0.5")
-    g.add_argument("--blur", type=float, default=None,
-                   help="probability of Gaussian blur in T, T' (MoCo v2); 0.5 ImageNet, 0 CIFAR (MoCo's CIFAR demo)")
-    g.add_argument("--bn-splits", type=int, default=None,
+                        "size / image size: 0.086-0.429 for 96 of 224, the authors' command)")
+    g.add_argument("--strong-ops", default="authors", choices=sorted(STRONG_OPS),
+                   help="pool of the stronger augmentation: authors (their code: Identity for Invert, magnitudes "
+                        "v/10 of each maximum, v in 1..9) or paper (Table 1's ops and ranges)")
+    g.add_argument("--strong-draws", type=common.nonneg_int, default=5, help="ops drawn per strong view, Sec. 3.3; 5")
+    g.add_argument("--strong-p", type=common.probability, default=0.5, help="probability of applying each drawn op, Sec. 3.3; 0.5")
+    g.add_argument("--blur", type=common.probability, default=None,
+                   help="probability of MoCo v2's Gaussian blur in T, T', S; 0.5 ImageNet, 0 CIFAR (MoCo's CIFAR demo)")
+    g.add_argument("--bn-splits", type=common.positive_int, default=None,
                    help="BN groups per process batch, simulating shuffle-BN on one GPU (MoCo's CIFAR demo); "
                         "default 8 in one process, 1 (and only 1) under torchrun, where the key batch is shuffled across GPUs")
     g.add_argument("--variant", default="clsa", choices=VARIANTS,
                    help="Table 4 row: clsa; mocov2 (no strong view); strong-query (MoCo v2 with the strong views as "
-                        "queries); strong-query-key (and a strongly augmented key); contrastive (L_C in place of L_D)")
+                        "queries, no weak query); strong-query-key (as strong-query, and the key view too is followed "
+                        "by the stronger augmentation: a strongly augmented image through the key encoder); "
+                        "contrastive (L_C of each strong view in place of L_D)")
     args = parser.parse_args(argv)
-    recipes = {  # "small": MoCo v2's CIFAR recipe (the paper has none); "large": the paper's ImageNet setting (Sec. 3.3, 4.1)
-        "small": dict(arch="resnet18", epochs=200, batch_size=512, lr=0.06, weight_decay=5e-4, warmup_epochs=0,
+    recipes = {  # "small": MoCo's CIFAR demo values (the paper has none); "large": the paper's ImageNet setting (Sec. 3.3, 4.1)
+        "small": dict(arch="resnet18", epochs=200, batch_size=512, lr=0.03, weight_decay=5e-4, warmup_epochs=0,
                       queue_size=4096, ema_momentum=0.99, blur=0.0),
         "large": dict(arch="resnet50", epochs=200, batch_size=256, lr=0.03, weight_decay=1e-4, warmup_epochs=0,
                       queue_size=65536, ema_momentum=0.999, blur=0.5, strong_sizes=[96]),
@@ -94,19 +125,30 @@ def get_args(argv=None):
     return check_clsa_args(args, world=int(os.environ.get("WORLD_SIZE", 1)))
 
 
+def crop_scales(sizes, scales, image_size, flag, usage):
+    """One (MIN, MAX) crop area range per size: given, or the weak crop's 0.2-1
+    times size / image size (the authors' command: 0.086-0.429 for 96 of 224)."""
+    if scales is None:
+        ratios = [min(1.0, s / image_size) for s in sizes]
+        scales = [v for r in ratios for v in (0.2 * r, r)]
+    if len(scales) != 2 * len(sizes):
+        usage(f"--{flag}-scales needs a MIN MAX pair for each of the {len(sizes)} --{flag}-sizes")
+    if not all(0 < lo <= hi <= 1 for lo, hi in zip(scales[::2], scales[1::2])):
+        usage(f"each --{flag}-scales pair must be 0 < MIN <= MAX <= 1")
+    if min(sizes) < 16:
+        usage(f"--{flag}-sizes {min(sizes)} is too small for a ResNet; use at least 16")
+    return scales
+
+
 def check_clsa_args(args, world):
-    """Derived defaults (strong crops, BN groups) and the checks that need several flags."""
+    """Derived defaults (crops, BN groups) and the checks that need several flags."""
     usage = functools.partial(common.fail, code=common.USAGE)
+    if args.variant in STRONG_QUERY and args.weak_sizes is not None:
+        usage(f"--variant {args.variant} has no weak query; drop --weak-sizes")
+    args.weak_sizes = args.weak_sizes or [args.image_size]
     args.strong_sizes = args.strong_sizes or [args.image_size]
-    if args.strong_scales is None:
-        ratios = [min(1.0, s / args.image_size) for s in args.strong_sizes]
-        args.strong_scales = [v for r in ratios for v in (0.2 * r, r)]
-    if len(args.strong_scales) != 2 * len(args.strong_sizes):
-        usage(f"--strong-scales needs a MIN MAX pair for each of the {len(args.strong_sizes)} --strong-sizes")
-    if not all(0 < lo <= hi <= 1 for lo, hi in zip(args.strong_scales[::2], args.strong_scales[1::2])):
-        usage("each --strong-scales pair must be 0 < MIN <= MAX <= 1")
-    if min(args.strong_sizes) < 16:
-        usage(f"--strong-sizes {min(args.strong_sizes)} is too small for a ResNet; use at least 16")
+    args.weak_scales = crop_scales(args.weak_sizes, args.weak_scales, args.image_size, "weak", usage)
+    args.strong_scales = crop_scales(args.strong_sizes, args.strong_scales, args.image_size, "strong", usage)
     if args.queue_size < args.batch_size:
         usage(f"--queue-size {args.queue_size} must hold at least one global batch of {args.batch_size} keys")
     if args.bn_splits is None:
@@ -125,24 +167,115 @@ def check_clsa_args(args, world):
 # Views (Sec. 3.3, Table 1)
 # ---------------------------------------------------------------------------
 
+def _translate_x(img, v):  # v: a fraction of the width
+    return common.translate_x(img, int(v * img.size[0]))
+
+
+def _translate_y(img, v):  # v: a fraction of the height
+    return common.translate_y(img, int(v * img.size[1]))
+
+
+# The two pools of the stronger augmentation. name: (op, lo, hi, integer, signed).
+# "paper", Table 1: the magnitude is uniform over [lo, hi] (an integer for
+#   Posterize); Solarize's is the threshold, Translate's a fraction of the side.
+# "authors", their data_processing/RandAugment.py (FixMatch's pool): Identity
+#   in place of Invert; the magnitude is lo + (hi - lo) * v / 10 with v uniform
+#   in 1..9 (10%-90% of the range), truncated for integer ops, and negated with
+#   p=0.5 for the signed ones. Solarize's threshold 256 - int(25.6 v): 231..26.
+STRONG_OPS = {
+    "paper": {
+        "ShearX": (common.shear_x, -0.3, 0.3, False, False),
+        "ShearY": (common.shear_y, -0.3, 0.3, False, False),
+        "TranslateX": (_translate_x, -0.3, 0.3, False, False),
+        "TranslateY": (_translate_y, -0.3, 0.3, False, False),
+        "Rotate": (common.rotate, -30.0, 30.0, False, False),
+        "AutoContrast": (common.auto_contrast, None, None, False, False),
+        "Invert": (common.invert, None, None, False, False),
+        "Equalize": (common.equalize, None, None, False, False),
+        "Solarize": (common.solarize, 0.0, 256.0, False, False),
+        "Posterize": (common.posterize, 4, 8, True, False),
+        "Contrast": (common.contrast, 0.05, 0.95, False, False),
+        "Color": (common.color, 0.05, 0.95, False, False),
+        "Brightness": (common.brightness, 0.05, 0.95, False, False),
+        "Sharpness": (common.sharpness, 0.05, 0.95, False, False),
+    },
+    "authors": {
+        "AutoContrast": (common.auto_contrast, None, None, False, False),
+        "Brightness": (common.brightness, 0.05, 0.95, False, False),
+        "Color": (common.color, 0.05, 0.95, False, False),
+        "Contrast": (common.contrast, 0.05, 0.95, False, False),
+        "Equalize": (common.equalize, None, None, False, False),
+        "Identity": (common.identity, None, None, False, False),
+        "Posterize": (common.posterize, 4, 8, True, False),
+        "Rotate": (common.rotate, 0, 30, True, True),
+        "Sharpness": (common.sharpness, 0.05, 0.95, False, False),
+        "ShearX": (common.shear_x, 0.0, 0.3, False, True),
+        "ShearY": (common.shear_y, 0.0, 0.3, False, True),
+        "Solarize": (common.solarize, 256, 0, True, False),
+        "TranslateX": (_translate_x, 0.0, 0.3, False, True),
+        "TranslateY": (_translate_y, 0.0, 0.3, False, True),
+    },
+}
+
+
+class StrongerAugmentation:
+    """Sec. 3.3: `draws` times, pick one op of the pool uniformly (with
+    replacement) and apply it with probability p. All draws from torch's RNG."""
+
+    def __init__(self, pool="authors", draws=5, p=0.5):
+        self.pool, self.ops, self.draws, self.p = pool, STRONG_OPS[pool], draws, p
+        self.names = list(self.ops)
+
+    def magnitude(self, name):
+        _, lo, hi, integer, signed = self.ops[name]
+        if lo is None:
+            return None
+        if self.pool == "paper":
+            if integer:
+                return int(torch.randint(lo, hi + 1, ()))
+            return lo + (hi - lo) * float(torch.rand(()))
+        v = int(torch.randint(1, 10, ()))  # their randint(1, m=10): 1..9
+        v = lo + (int((hi - lo) * v / 10) if integer else (hi - lo) * v / 10)
+        return -v if signed and torch.rand(()) < 0.5 else v
+
+    def sample(self):
+        """The ops to apply: a list of (name, magnitude) for the draws that fired."""
+        chosen = []
+        for _ in range(self.draws):
+            name = self.names[int(torch.randint(len(self.names), ()))]
+            if torch.rand(()) < self.p:
+                chosen.append((name, self.magnitude(name)))
+        return chosen
+
+    def __call__(self, img):
+        for name, v in self.sample():
+            img = self.ops[name][0](img, v)
+        return img
+
+
 class CLSAViews:
-    """[key T(x), weak query T'(x), strong views S(x)...] (Algorithm 1, line 4).
+    """[key T(x), weak queries T'(x)..., strong views S(x)...] (Algorithm 1, line 4).
     Table 4 variants: mocov2 drops the strong views, strong-query(-key) the weak
-    query (and strong-query-key follows the key's T with S as well)."""
+    queries (and strong-query-key follows the key's T with the stronger
+    augmentation as well)."""
 
     def __init__(self, args):
         jitter = (0.4, 0.4, 0.4, 0.1)  # MoCo v2's colour jitter, the "weaker augmentation" of Sec. 3.3
-        self.weak = common.view_transform(args.image_size, scale=(0.2, 1.0), jitter=jitter, p_blur=args.blur)
-        strong = common.StrongAugment(args.strong_draws, args.strong_p)  # Table 1: 14 ops, `draws` tries with p each
-        self.key = T.Compose([self.weak, strong]) if args.variant == "strong-query-key" else self.weak
-        self.with_weak = args.variant not in ("strong-query", "strong-query-key")
-        scales = zip(args.strong_scales[::2], args.strong_scales[1::2])
+
+        def weak(size, scale):  # MoCo v2's T with its PIL blur (the authors' Image_ops.GaussianBlur)
+            return common.view_transform(size, scale=scale, jitter=jitter, p_blur=args.blur, blur="pil")
+
+        strong = StrongerAugmentation(args.strong_ops, args.strong_draws, args.strong_p)
+        key = weak(args.image_size, (0.2, 1.0))
+        self.key = T.Compose([key, strong]) if args.variant == "strong-query-key" else key
+        pairs = lambda scales: list(zip(scales[::2], scales[1::2]))  # noqa: E731
+        self.weak = [] if args.variant in STRONG_QUERY else [
+            weak(size, scale) for size, scale in zip(args.weak_sizes, pairs(args.weak_scales))]
         self.strong = [] if args.variant == "mocov2" else [
-            T.Compose([common.view_transform(size, scale=scale, jitter=jitter, p_blur=args.blur), strong])
-            for size, scale in zip(args.strong_sizes, scales)]
+            T.Compose([weak(size, scale), strong]) for size, scale in zip(args.strong_sizes, pairs(args.strong_scales))]
 
     def __call__(self, img):
-        views = [self.key(img)] + ([self.weak(img)] if self.with_weak else []) + [s(img) for s in self.strong]
+        views = [self.key(img)] + [w(img) for w in self.weak] + [s(img) for s in self.strong]
         return [common.to_tensor(v) for v in views]
 
 
@@ -186,10 +319,9 @@ class CLSA(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, k):
-        """FIFO (Sec. 3.1): this step's keys from ALL processes, in rank order (the
-        one-process batch order), overwrite the oldest rows; the pointer wraps
-        around, so K need not be a multiple of the global batch."""
-        k = common.concat_all_gather(k)  # DDP: [B, D] on every rank, so every rank keeps the same queue
+        """FIFO (Sec. 3.1): the global batch's keys k [B, D] (every process's, in
+        rank order: the one-process batch order) overwrite the oldest rows; the
+        pointer wraps around, so K need not be a multiple of the global batch."""
         rows = (self.queue_ptr + torch.arange(len(k), device=k.device)) % len(self.queue)
         self.queue[rows] = k.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + len(k)) % len(self.queue))
@@ -197,7 +329,8 @@ class CLSA(nn.Module):
     def forward(self, x_k, xs_q, shuffle_seed):
         """x_k: [n, 3, S, S] key views; xs_q: list of query-view batches [n, 3, s, s]
         (weak first, then strong; sizes may differ). Returns (one [n, D] projection
-        per query view, keys k [n, D] unit rows, the queue [K, D] as it was before
+        per query view, the keys of the GLOBAL batch [B, D] as unit rows, this
+        process's at rows rank*n..rank*n+n-1, the queue [K, D] as it was before
         this step's keys were enqueued)."""
         # One pass per view, so BN normalises over one kind of view, as MoCo's
         # queries; a 96 px strong view costs (96/224)^2 = 18% of a 224 px one.
@@ -210,6 +343,7 @@ class CLSA(nn.Module):
             x_k, unshuffle = common.batch_shuffle(x_k, shuffle_seed)
             k = F.normalize(self.projector_k(self.backbone_k(x_k)).float(), dim=1)
             k = common.batch_unshuffle(k, unshuffle)
+            k = common.concat_all_gather(k)  # DDP: [B, D], the bank's batch part on every rank
         # A copy for the losses (autograd keeps it for backward), then FIFO update.
         # DDP: the queue is a buffer, so DDP also broadcasts it from rank 0 every
         # step (K x D x 4 bytes: 32 MB on ImageNet); the ranks' copies are equal anyway.
@@ -219,44 +353,49 @@ class CLSA(nn.Module):
 
 
 # ---------------------------------------------------------------------------
-# Losses: L_C, Eq. (1), and L_D, Eq. (3)-(4)
+# Losses: L_C, Eq. (1), and L_D, Eq. (3)-(4), over the bank [k, queue]
 # ---------------------------------------------------------------------------
 
 def bank_logits(q, k, queue, tau):
-    """sim(q_i, .) / tau over the bank of query i: its own key k_i (column 0) and
-    the K queued keys. q, k: [N, D], queue: [K, D]; returns float32 [N, 1+K]."""
+    """sim(q_i, .) / tau over the bank (Sec. 3.2, under Eq. (3)): the M keys of the
+    current batch, then the K queued keys. q: [N, D], k: [M, D], queue: [K, D];
+    returns float32 [N, M+K]."""
     q, k, queue = (F.normalize(t.float(), dim=1) for t in (q, k, queue))  # Eq. (2): cosine similarity
-    return torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / tau
+    return torch.cat([q @ k.T, q @ queue.T], dim=1) / tau
 
 
-def contrastive_loss(q, k, queue, tau):
-    """L_C, Eq. (1) in MoCo's form: q, k [N, D] query and key projections of N
-    images, queue [K, D]. Mean over i of -log softmax of the positive k_i among
-    the 1+K bank entries. Any float dtype in, float32 scalar out."""
+def contrastive_loss(q, k, queue, tau, offset=0):
+    """L_C, Eq. (1) over the bank [k, queue]: q [N, D] this process's queries,
+    k [M, D] the keys of the whole (gathered) batch, query i's own key at row
+    offset + i (rank r passes r * N), queue [K, D]. Mean over i of -log softmax
+    of that column among the M+K. Any float dtype in, float32 scalar out."""
     logits = bank_logits(q, k, queue, tau)
-    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+    target = torch.arange(offset, offset + len(q), device=logits.device)
+    return F.cross_entropy(logits, target)
 
 
 def ddm_loss(q_weak, q_strong, k, queue, tau):
-    """L_D, Eq. (3)-(4): p_w = softmax over the 1+K bank [k_i, queue] of the weak
-    query (a target: no gradient), log p_s = log_softmax of the strong query's;
-    mean over i of -sum_j p_w log p_s. q_weak, q_strong, k: [N, D], queue [K, D].
-    Any float dtype in, float32 scalar out."""
+    """L_D, Eq. (3)-(4): p_w = softmax over the bank [k, queue] of the weak query
+    (a target: no gradient), log p_s = log_softmax of the strong query's; mean
+    over i of -sum_j p_w log p_s. q_weak, q_strong: [N, D], k: [M, D] the
+    gathered batch keys, queue [K, D]. Any float dtype in, float32 scalar out."""
     p_weak = F.softmax(bank_logits(q_weak, k, queue, tau).detach(), dim=1)
     log_p_strong = F.log_softmax(bank_logits(q_strong, k, queue, tau), dim=1)
     return -(p_weak * log_p_strong).sum(1).mean()
 
 
-def clsa_objective(qs, k, queue, tau, beta=1.0, variant="clsa"):
-    """L = L_C + beta * sum_s L_D (Algorithm 1, line 7), or a Table 4 variant.
-    qs: the query projections in the order of CLSAViews (weak first if present)."""
-    if variant in ("strong-query", "strong-query-key"):  # MoCo v2 whose queries are the strong views
-        return sum(contrastive_loss(q, k, queue, tau) for q in qs)
-    q, strong = qs[0], qs[1:]
-    loss = contrastive_loss(q, k, queue, tau)  # L_C, Eq. (1); mocov2 stops here (no strong view)
-    for q_s in strong:  # Sec. 4.2: L_D summed over the strong views
-        pair = ddm_loss(q, q_s, k, queue, tau) if variant == "clsa" else contrastive_loss(q_s, k, queue, tau)
-        loss = loss + beta * pair
+def clsa_objective(q_weak, q_strong, k, queue, tau, beta=1.0, variant="clsa", offset=0):
+    """L = sum_w L_C + beta * sum_(w, s) L_D (Algorithm 1, line 7; Sec. 4.2), or a
+    Table 4 variant. q_weak, q_strong: lists of [N, D] query projections (the
+    weak queries and the strong views, in the order of CLSAViews)."""
+    if variant in STRONG_QUERY:  # MoCo v2 whose queries are the strong views
+        return sum(contrastive_loss(q, k, queue, tau, offset) for q in q_strong)
+    loss = sum(contrastive_loss(q, k, queue, tau, offset) for q in q_weak)  # L_C, Eq. (1); mocov2 stops here
+    if variant == "contrastive":  # Table 4: the strong views pushed onto their keys
+        return loss + beta * sum(contrastive_loss(q_s, k, queue, tau, offset) for q_s in q_strong)
+    for q_w in q_weak:  # every (weak, strong) pair: 1 L_D in CLSA-Single, 25 in CLSA-Multi
+        for q_s in q_strong:
+            loss = loss + beta * ddm_loss(q_w, q_s, k, queue, tau)
     return loss
 
 
@@ -268,7 +407,8 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
     """Trains from optimizer step `step` to the end of the epoch (or stop_at,
     or a stop request). Returns (step, epoch means of loss and z-std, stopped)."""
     model.train()
-    sums, n, stopped = torch.zeros(2, device=ctx.device), 0, False  # loss, z-std: summed on the device
+    sums, n, stopped = torch.zeros(3, device=ctx.device), 0, False  # loss, z-std, skipped steps: summed on the device
+    n_weak = 0 if args.variant in STRONG_QUERY else len(args.weak_sizes)  # qs: weak queries first, then strong
     for (x_k, *xs_q), _ in loader:
         lr = lr_at(step)
         common.set_lr(optimizer, lr)
@@ -277,24 +417,26 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
         with ctx.autocast():
             # The shuffle-BN permutation comes from (seed, step): a resumed run draws the same one.
             qs, k, queue = model(x_k, xs_q, args.seed * 10**9 + step)
-        # DDP: each rank's loss is over its own queries; the queue holds every rank's keys.
-        loss = clsa_objective(qs, k, queue, args.tau, args.beta, args.variant)
+        # DDP: each rank's loss is over its own queries; the bank holds every rank's keys,
+        # this rank's queries' own keys at rows rank*n..rank*n+n-1.
+        loss = clsa_objective(qs[:n_weak], qs[n_weak:], k, queue, args.tau, args.beta, args.variant,
+                              offset=ctx.rank * len(x_k))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # AMP: scaled only in fp16
-        scaler.step(optimizer)
-        scaler.update()
+        skipped = common.scaler_step(scaler, optimizer)  # AMP: 1 where fp16 skipped a step with overflowing gradients
         step += 1
         z_std = common.embedding_std(qs[0])  # collapse indicator: ~1/sqrt(D) healthy, 0 collapsed
-        sums += torch.stack([loss.detach(), z_std])
+        sums += torch.stack([loss.detach(), z_std, skipped])
         n += 1
         if step % args.log_every == 0 or step == stop_at:
             if ctx.main:  # the only host sync in the loop
                 print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}"), flush=True)
-            stopped = stop.agreed(ctx)  # DDP: every rank stops at the same step
+            # DDP: every rank stops at the same step; a non-finite loss ends the run in one line
+            stopped = stop.agreed(ctx, loss, step, lr, scaler)
         if stopped or step >= stop_at:
             break
-    loss, z_std = (sums / max(n, 1)).tolist()
-    return step, dict(loss=loss, z_std=z_std), stopped
+    loss, z_std, skipped = sums.tolist()
+    return step, dict(loss=loss / max(n, 1), z_std=z_std / max(n, 1), skipped_steps=round(skipped)), stopped
 
 
 def main(argv=None):
@@ -308,7 +450,7 @@ def main(argv=None):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = common.ddp(model, ctx, sync_bn=False)  # per-process BN, as MoCo: shuffle-BN guards the keys
-    base_lr = args.lr * args.batch_size / 256  # Sec. 4.1: 0.03 at B=256; linear in the global batch (MoCo's rule)
+    base_lr = args.lr * args.batch_size / 256  # Sec. 4.1: 0.03 at B=256; linear in the global batch (MoCo's rule: 0.06 at 512)
     # Sec. 4.1: SGD, momentum 0.9, weight decay on every trained tensor (as MoCo); the key encoder is not trained.
     optimizer = torch.optim.SGD(model.query_parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
     scaler = ctx.grad_scaler()

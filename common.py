@@ -7,6 +7,8 @@ describes as part of its method (its views, heads, queues, momentum encoders,
 losses) lives in that method's own file, not here.
 """
 import argparse
+import atexit
+import errno
 import functools
 import json
 import math
@@ -16,6 +18,7 @@ import random
 import signal
 import sys
 import time
+import weakref
 from contextlib import nullcontext
 
 import numpy as np
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from torchvision.models.resnet import BasicBlock
 
 # ---------------------------------------------------------------------------
@@ -39,6 +42,7 @@ USAGE, RUNTIME = 2, 1
 
 
 def fail(message, code=RUNTIME):
+    message = " ".join(str(message).split())  # one line, whatever an exception's text holds
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
@@ -49,13 +53,38 @@ def fail(message, code=RUNTIME):
 # ---------------------------------------------------------------------------
 
 DATASETS = ("cifar10", "cifar100", "svhn", "stl10", "tinyimagenet", "imagenet", "folder", "synthetic")
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet_small")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet_small", "alexnet")
 
 
 def one_line_errors(parser):
     """argparse prints usage plus a message; one line is easier to read in a log."""
     parser.error = lambda message: fail(f"{parser.prog}: {message} (see --help)", USAGE)
     return parser
+
+
+def _number(kind, ok, rule):
+    """An argparse type: `kind` (int or float), finite, satisfying `ok`; else
+    argparse's one-line "argument --x: ..." error (exit 2)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(v) or not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+# Types for numeric flags, so that an impossible value (--lr -1, --tau 0,
+# --workers -1, a NaN) is refused in one line before anything runs.
+positive_int = _number(int, lambda v: v >= 1, "at least 1")
+nonneg_int = _number(int, lambda v: v >= 0, "0 or more")
+positive_float = _number(float, lambda v: v > 0, "greater than 0")
+nonneg_float = _number(float, lambda v: v >= 0, "0 or more")
+probability = _number(float, lambda v: 0 <= v <= 1, "between 0 and 1")
+momentum_float = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def add_base_args(parser):
@@ -65,28 +94,32 @@ def add_base_args(parser):
     g.add_argument("--data-dir", default="./data", help="where the data sets live (default ./data)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="fetch CIFAR, SVHN or STL-10 when missing (default on)")
-    g.add_argument("--subset", type=int, default=None, help="use only the first N training images")
-    g.add_argument("--image-size", type=int, default=None,
+    g.add_argument("--subset", type=positive_int, default=None, help="use only the first N training images")
+    g.add_argument("--image-size", type=positive_int, default=None,
                    help="input side in pixels (default: 32 CIFAR/SVHN/synthetic, 64 Tiny ImageNet, "
                         "96 STL-10, 224 ImageNet/folder); the CIFAR stem is used at 64 and below")
-    g.add_argument("--workers", type=int, default=None, help="data loader processes per GPU (default: min(8, cores))")
+    g.add_argument("--workers", type=nonneg_int, default=None, help="data loader processes per GPU (default: min(8, cores))")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--arch", default=None, choices=ARCHS, help="backbone (default: the paper's)")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs (default: the paper's)")
-    g.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch size, over all processes")
-    g.add_argument("--lr", type=float, default=None, help="base learning rate, scaled with the batch as the paper scales it")
-    g.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: the paper's)")
-    g.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup epochs before cosine decay")
+    g.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: the paper's)")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="GLOBAL batch size, over all processes")
+    g.add_argument("--lr", type=positive_float, default=None, help="base learning rate, scaled with the batch as the paper scales it")
+    g.add_argument("--weight-decay", type=nonneg_float, default=None, help="weight decay (default: the paper's)")
+    g.add_argument("--warmup-epochs", type=nonneg_float, default=None, help="linear warmup epochs before cosine decay")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
-                   help="mixed precision (auto: bf16 on GPUs that have it, else fp16; off on CPU)")
+                   help="mixed precision (auto: bf16 on GPUs with native bf16, compute capability 8.0+; "
+                        "fp16 with loss scaling on older GPUs such as the RTX 2080 Ti, V100, T4; off on CPU)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on tensor cores)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels, cudnn.benchmark off: a resumed run ends bit-identical on a GPU too "
+                        "(slower; on the CPU runs are deterministic anyway)")
     g = parser.add_argument_group("run")
     g.add_argument("--out", default=None, help="output folder (default runs/<method>-<data>)")
     g.add_argument("--resume", default="auto", help="auto (continue from OUT/last.pt if present), none, or a checkpoint path")
     g.add_argument("--seed", type=int, default=0, help="random seed (offset by rank)")
-    g.add_argument("--knn-every", type=int, default=None, help="kNN monitor every N epochs, 0 = off (default 10; 0 on ImageNet/folder)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps in all (smoke runs, benchmarks)")
-    g.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
+    g.add_argument("--knn-every", type=nonneg_int, default=None, help="kNN monitor every N epochs, 0 = off (default 10; 0 on ImageNet/folder)")
+    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps in all (smoke runs, benchmarks)")
+    g.add_argument("--log-every", type=positive_int, default=50, help="progress line every N steps")
     return parser
 
 
@@ -119,9 +152,10 @@ def finish_args(args, method, recipes):
 
 
 # ---------------------------------------------------------------------------
-# Backbones: torchvision ResNets with `fc` removed. For images of 64 px and
-# below, the CIFAR stem (SimCLR App. B.9): a 3x3 stride-1 first convolution
-# and no max-pool, so a 32 px image still reaches the last stage at 4x4.
+# Backbones: torchvision ResNets with `fc` removed. Small images get the CIFAR
+# stem by image size (the rule is stated once, in resnet() below): a 3x3
+# stride-1 first convolution at 64 px and below, and no max-pool at 32 px and
+# below, so a 32 px image reaches the last stage at 4x4 and a 64 px one too.
 # ---------------------------------------------------------------------------
 
 class SmallResNet(nn.Module):
@@ -152,9 +186,63 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class CifarAlexNet(nn.Module):
+    """The small-image AlexNet of the instance-discrimination baselines that
+    AAG compares with in Tables 1-2 (AND, Huang et al. ICML 2019,
+    Raymond-sci/AND `models/alexnet.py`; ISIF, Ye et al. CVPR 2019): five 3x3
+    convolutions of width 64-192-384-256-256 with BN and ReLU, 2x2 max-pool
+    after the 1st, 2nd and 5th ([B, 256, 4, 4] at 32 px), then two fully
+    connected layers 4096-1024-1024 with BN and ReLU. h is that 1024-d output
+    (7.5M parameters; no biases before BN); the baselines' last
+    Linear(1024, 128) is the method's head. --arch alexnet; CIFAR-size images
+    only (32-64 px: an adaptive max-pool, a no-op at 32 px, brings 64 px maps
+    to 4x4)."""
+
+    dim = 1024
+
+    def __init__(self, image_size=32):
+        super().__init__()
+        if image_size > 64:
+            fail(f"--arch alexnet is the CIFAR AlexNet, for images of 32-64 px (got --image-size {image_size})", USAGE)
+        layers, c_in = [], 3
+        for c_out, pool in ((64, True), (192, True), (384, False), (256, False), (256, True)):
+            layers += [nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            if pool:
+                layers.append(nn.MaxPool2d(2, 2))
+            c_in = c_out
+        layers.append(nn.AdaptiveMaxPool2d(4))
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Sequential(
+            nn.Linear(256 * 4 * 4, self.dim, bias=False), nn.BatchNorm1d(self.dim), nn.ReLU(inplace=True),
+            nn.Linear(self.dim, self.dim, bias=False), nn.BatchNorm1d(self.dim), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
 def resnet(arch, image_size):
     """Returns (backbone, feature dimension). The backbone maps [B, 3, S, S]
-    images to [B, dim] features h (after global average pooling)."""
+    images to [B, dim] features h (after global average pooling).
+
+    The stem rule, on the image size S alone (the same for every method,
+    data set and evaluate.py, which rebuilds the backbone from the saved S):
+    - S <= 64: the first 7x7 stride-2 convolution becomes a 3x3 stride-1 one;
+    - S <= 32: the max-pool after it is dropped as well;
+    - S > 64: ResNet's ImageNet stem unchanged.
+    So CIFAR-10/100 and SVHN (32 px) get the full CIFAR stem, and STL-10 and
+    Tiny ImageNet at 64 px keep the max-pool (a 3x3 conv, then 64 -> 32 px).
+    Sources: ReSSL's small-data code (public copies of the authors' release)
+    drops the max-pool on CIFAR only and keeps it on STL-10 and Tiny ImageNet
+    at 64 px, where the paper reports 88.25 and 46.60 (ReSSL Sec. 4 removes it
+    "for a small dataset", its name for CIFAR); the CIFAR code of SimCLR
+    (google-research/simclr `cifar_stem`, App. B.9), AndrewAtanov/simclr-pytorch
+    `models/resnet.py`, Yif-Yang/DSSL `simsiam_cifar10/simsiam/resnet_cifar.py`
+    and MoCo v2's CIFAR recipe (CLSA) all run 32 px with no max-pool. Only
+    ReSSL reports numbers between 33 and 64 px; SimCLR's code would use the
+    ImageNet stem there (`cifar_stem=image_size <= 32`), which no reported
+    number depends on."""
+    if arch == "alexnet":  # not a ResNet: no stem to swap (CIFAR-size images only)
+        return CifarAlexNet(image_size), CifarAlexNet.dim
     if arch == "resnet_small":
         net = SmallResNet()
     elif arch in ("resnet18", "resnet34", "resnet50"):
@@ -162,8 +250,9 @@ def resnet(arch, image_size):
     else:
         fail(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}", USAGE)
     dim = net.fc.in_features
-    if image_size <= 64:  # CIFAR stem
+    if image_size <= 64:  # CIFAR stem, the rule above: 3x3 stride-1 first convolution ...
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
+    if image_size <= 32:  # ... and no max-pool only at CIFAR's 32 px (ReSSL's small-data code)
         net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net, dim
@@ -212,12 +301,27 @@ def _check_arrays(name, images, labels, side, classes, where):
         fail(f"{where} has {len(labels)} labels for {len(images)} images, or labels outside 0..{classes - 1}")
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """A CIFAR batch holds dicts, lists, strings, bytes and numpy arrays, and a
+    pickle names every other class it builds. This unpickler builds numpy arrays
+    and refuses any other class before running it, so a hostile batch file
+    cannot execute code (as checkpoints are read with weights_only=True)."""
+
+    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks to build {module}.{name}, which a data batch never holds")
+        return super().find_class(module, name)
+
+
 def _unpickle(path):
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")  # Python 2 pickles: str keys
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
-        fail(f"{path} is unreadable ({type(e).__name__}: {e}); delete it and download again")
+            return _ArrayUnpickler(f, encoding="latin1").load()  # Python 2 pickles: str keys
+    except Exception as e:  # random bytes can raise almost anything: OverflowError, MemoryError, KeyError...
+        fail(f"{path} is unreadable ({type(e).__name__}: {str(e)[:200]}); delete it and download again")
 
 
 def _cifar(name, root, train, download):
@@ -320,8 +424,65 @@ class ListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
+        return load_image(path), label
+
+
+class BadImageError(RuntimeError):
+    """An image file that cannot be decoded (not an image, truncated, corrupt)."""
+
+
+def load_image(path):
+    """An RGB PIL image, or BadImageError naming the file. Files are checked
+    when they are read, not up front: reading the headers of 1.28M ImageNet
+    files before training would take minutes. The run then ends in one line
+    naming the file, and the last checkpoint stays as it was."""
+    try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB"), label
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decoders raise all of these
+        raise BadImageError(f"{path} is not a readable image ({type(e).__name__}); remove or replace it") from None
+
+
+def fail_on_bad_images(loader):
+    """Iterate a DataLoader, turning a BadImageError (re-raised from a loader
+    worker with the worker's traceback in its text) into one line."""
+    batches = iter(loader)
+    _LIVE_BATCHES.add(batches)
+    try:
+        yield from batches
+    except BadImageError as e:
+        lines = [line for line in str(e).splitlines() if "is not a readable image" in line]
+        fail((lines[-1] if lines else str(e)).split("BadImageError: ")[-1].strip())
+
+
+# Loader workers ignore SIGTERM (ignore_stop_signals), so when a run ends with
+# an error mid-epoch, the interpreter's exit would wait for them forever (it
+# stops daemon processes with SIGTERM). Shut the workers down first instead;
+# atexit runs this before multiprocessing's and torch's own exit hooks.
+_LIVE_BATCHES = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_loader_workers():
+    for batches in list(_LIVE_BATCHES):
+        if hasattr(batches, "_shutdown_workers"):
+            batches._shutdown_workers()
+
+
+class _Loader:
+    """A DataLoader whose iteration ends a run in one line on an unreadable image."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return fail_on_bad_images(self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
 
 
 def _image_folder(name, root, split, hint):
@@ -329,7 +490,7 @@ def _image_folder(name, root, split, hint):
     if not os.path.isdir(path):
         fail(f"{name} not found: expected a folder {path} ({hint})")
     try:
-        ds = torchvision.datasets.ImageFolder(path)
+        ds = torchvision.datasets.ImageFolder(path, loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         fail(f"{path} is not an image folder ({e})")
     return ds
@@ -499,7 +660,7 @@ def train_loader(ds, transform, batch_size, workers, seed, ctx):
         SeededViews(ds, transform), batch_size=batch_size // ctx.world, sampler=sampler,
         num_workers=workers, pin_memory=ctx.device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
-    return loader, sampler
+    return _Loader(loader), sampler
 
 
 def ignore_stop_signals(worker_id=None):
@@ -514,11 +675,15 @@ def ignore_stop_signals(worker_id=None):
 # can derive one view from another (DSSL) before `to_tensor` normalises.
 # ---------------------------------------------------------------------------
 
-def view_transform(size, scale=(0.08, 1.0), jitter=None, p_jitter=0.8, p_gray=0.2, p_blur=0.0, flip=True):
+def view_transform(size, scale=(0.08, 1.0), jitter=None, p_jitter=0.8, p_gray=0.2, p_blur=0.0, blur="kernel", flip=True):
     """Random resized crop (area `scale`, ratio 3/4-4/3) + horizontal flip +
     ColorJitter(*jitter) with p_jitter + grayscale with p_gray + Gaussian blur
-    with p_blur (kernel 10% of the side, sigma 0.1-2.0; SimCLR App. A).
-    SimCLR's colour distortion of strength s is jitter=(0.8s, 0.8s, 0.8s, 0.2s)."""
+    with p_blur. SimCLR's colour distortion of strength s is
+    jitter=(0.8s, 0.8s, 0.8s, 0.2s). Two blurs, both with sigma drawn from 0.1-2.0:
+      blur="kernel": SimCLR App. A, a kernel 10% of the image side (3 px at 32 px,
+                     so little blur on CIFAR);
+      blur="pil":    MoCo v2's, used by CLSA, ReSSL and DSSL: PIL's GaussianBlur
+                     of radius sigma on the image, whatever its size."""
     ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC)]
     if flip:
         ops.append(T.RandomHorizontalFlip())
@@ -526,9 +691,31 @@ def view_transform(size, scale=(0.08, 1.0), jitter=None, p_jitter=0.8, p_gray=0.
         ops.append(T.RandomApply([T.ColorJitter(*jitter)], p=p_jitter))
         ops.append(T.RandomGrayscale(p=p_gray))
     if p_blur > 0:
-        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd, 10% of the side
-        ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=p_blur))
+        if blur == "pil":
+            ops.append(T.RandomApply([RandomPILBlur((0.1, 2.0))], p=p_blur))
+        elif blur == "kernel":
+            kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd, 10% of the side
+            ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=p_blur))
+        else:
+            raise ValueError(f"blur must be 'kernel' or 'pil', got {blur!r}")
     return T.Compose(ops)
+
+
+class RandomPILBlur:
+    """MoCo v2's Gaussian blur: PIL's GaussianBlur with radius (= sigma, in
+    pixels) drawn uniformly from `sigma`, on the image at its own size. Its
+    kernel is not truncated to a fraction of the side, so sigma 2 blurs a
+    32 px image as much as it does a 224 px one, pixel for pixel."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        s = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * float(torch.rand(()))
+        return img.filter(ImageFilter.GaussianBlur(radius=s))
+
+    def __repr__(self):
+        return f"RandomPILBlur(sigma={self.sigma})"
 
 
 def to_tensor(img):
@@ -570,52 +757,103 @@ def randaugment(n=2, m=10):
     return T.RandAugment(num_ops=n, magnitude=m)
 
 
-class StrongAugment:
-    """CLSA's stronger augmentation (CLSA Sec. 3.3, Table 1): `draws` times,
-    pick one of 14 ops uniformly and apply it with probability p, its
-    magnitude drawn uniformly from the op's range."""
+# ---------------------------------------------------------------------------
+# AutoAugment/RandAugment image ops (Cubuk et al.), on PIL images as the
+# reference implementations apply them. Each maps (PIL image, v) to a PIL image,
+# v in the op's own unit; the ops without a magnitude ignore it. WHICH ops a
+# method draws, over which ranges, with which signs and how many is part of the
+# method, so each method file holds its own table (DSSL's heavy augmentation,
+# CLSA's stronger augmentation); these are only the pixel operations.
+# Geometric ops fill uncovered pixels with black, as PIL's transform does.
+# ---------------------------------------------------------------------------
 
-    OPS = {  # name: (function of (PIL image, magnitude), magnitude range); Table 1
-        "ShearX": (lambda img, v: TF.affine(img, 0.0, [0, 0], 1.0, [math.degrees(math.atan(v)), 0.0], center=[0, 0]), (-0.3, 0.3)),
-        "ShearY": (lambda img, v: TF.affine(img, 0.0, [0, 0], 1.0, [0.0, math.degrees(math.atan(v))], center=[0, 0]), (-0.3, 0.3)),
-        "TranslateX": (lambda img, v: TF.affine(img, 0.0, [int(v * img.size[0]), 0], 1.0, [0.0, 0.0]), (-0.3, 0.3)),
-        "TranslateY": (lambda img, v: TF.affine(img, 0.0, [0, int(v * img.size[1])], 1.0, [0.0, 0.0]), (-0.3, 0.3)),
-        "Rotate": (lambda img, v: TF.rotate(img, v), (-30.0, 30.0)),
-        "AutoContrast": (lambda img, v: TF.autocontrast(img), None),
-        "Invert": (lambda img, v: TF.invert(img), None),
-        "Equalize": (lambda img, v: TF.equalize(img), None),
-        "Solarize": (lambda img, v: TF.solarize(img, v), (0.0, 256.0)),
-        "Posterize": (lambda img, v: TF.posterize(img, int(v)), (4, 8)),
-        "Contrast": (lambda img, v: TF.adjust_contrast(img, v), (0.05, 0.95)),
-        "Color": (lambda img, v: TF.adjust_saturation(img, v), (0.05, 0.95)),
-        "Brightness": (lambda img, v: TF.adjust_brightness(img, v), (0.05, 0.95)),
-        "Sharpness": (lambda img, v: TF.adjust_sharpness(img, v), (0.05, 0.95)),
-    }
+def identity(img, v=None):
+    return img
 
-    def __init__(self, draws=5, p=0.5):
-        self.draws, self.p, self.names = draws, p, list(self.OPS)
 
-    def sample(self):
-        """The ops to apply: a list of (name, magnitude) for the draws that fired."""
-        chosen = []
-        for _ in range(self.draws):
-            name = self.names[int(torch.randint(len(self.names), ()))]
-            fires = torch.rand(()) < self.p
-            span = self.OPS[name][1]
-            if span is None:
-                v = None
-            elif isinstance(span[0], int):  # Posterize bits: an integer in [4, 8]
-                v = int(torch.randint(span[0], span[1] + 1, ()))
-            else:
-                v = span[0] + (span[1] - span[0]) * float(torch.rand(()))
-            if fires:
-                chosen.append((name, v))
-        return chosen
+def shear_x(img, v):
+    """Shear by factor v: output pixel (x, y) reads input (x + v*y, y)."""
+    return img.transform(img.size, Image.AFFINE, (1, v, 0, 0, 1, 0))
 
-    def __call__(self, img):
-        for name, v in self.sample():
-            img = self.OPS[name][0](img, v)
+
+def shear_y(img, v):
+    """Shear by factor v: output pixel (x, y) reads input (x, y + v*x)."""
+    return img.transform(img.size, Image.AFFINE, (1, 0, 0, v, 1, 0))
+
+
+def translate_x(img, v):
+    """Move the content v pixels to the right (left for v < 0)."""
+    return img.transform(img.size, Image.AFFINE, (1, 0, -v, 0, 1, 0))
+
+
+def translate_y(img, v):
+    """Move the content v pixels down (up for v < 0)."""
+    return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, -v))
+
+
+def rotate(img, v):
+    """Rotate by v degrees counter-clockwise about the centre."""
+    return img.rotate(v)
+
+
+def auto_contrast(img, v=None):
+    return ImageOps.autocontrast(img)
+
+
+def equalize(img, v=None):
+    return ImageOps.equalize(img)
+
+
+def invert(img, v=None):
+    return ImageOps.invert(img)
+
+
+def solarize(img, v):
+    """Invert every pixel value >= v (v = 256: no change, v = 0: inverted)."""
+    return ImageOps.solarize(img, v)
+
+
+def solarize_add(img, v, threshold=128):
+    """Add v to every pixel value (clipped to 0-255), then solarize at `threshold`."""
+    x = np.clip(np.asarray(img).astype(np.int16) + int(v), 0, 255).astype(np.uint8)
+    return ImageOps.solarize(Image.fromarray(x, img.mode), threshold)
+
+
+def posterize(img, v):
+    """Keep the v most significant bits of each channel (v in 1-8: at most 2**v levels)."""
+    return ImageOps.posterize(img, int(v))
+
+
+def color(img, v):
+    """Saturation factor v (0: grey, 1: unchanged)."""
+    return ImageEnhance.Color(img).enhance(v)
+
+
+def contrast(img, v):
+    return ImageEnhance.Contrast(img).enhance(v)
+
+
+def brightness(img, v):
+    return ImageEnhance.Brightness(img).enhance(v)
+
+
+def sharpness(img, v):
+    return ImageEnhance.Sharpness(img).enhance(v)
+
+
+def cutout(img, v, fill=(128, 128, 128)):
+    """Paint a v x v square of colour `fill`, centred on a uniformly drawn pixel
+    (torch RNG) and clipped at the border (Cutout, DeVries & Taylor 2017)."""
+    v = int(round(v))
+    if v <= 0:
         return img
+    w, h = img.size
+    cx, cy = int(torch.randint(w, ())), int(torch.randint(h, ()))
+    x0, y0 = max(0, cx - v // 2), max(0, cy - v // 2)
+    box = (x0, y0, min(w, x0 + v), min(h, y0 + v))
+    img = img.copy()
+    img.paste(tuple(fill) if img.mode == "RGB" else fill[0], box)
+    return img
 
 
 class Jigsaw:
@@ -665,24 +903,45 @@ def setup(args):
     and AMP dtype; seed (offset by rank). Returns a Context."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    deterministic = getattr(args, "deterministic", False)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-        torch.backends.cudnn.benchmark = True
+        # cudnn.benchmark picks the fastest kernels by timing them, and several of
+        # those (and the atomics in some backward kernels) make results vary run to run.
+        torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible matmuls
+        torch.use_deterministic_algorithms(True, warn_only=True)  # ops without a deterministic kernel warn once
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    amp = getattr(args, "amp", "off")
-    if amp == "fp16" and device.type != "cuda":
-        fail("--amp fp16 needs a CUDA GPU; use --amp bf16 or off on the CPU", USAGE)
-    if amp == "auto":
-        amp_dtype = None if device.type != "cuda" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    else:
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    amp_dtype = choose_amp(getattr(args, "amp", "off"), device, warn=rank == 0)
     seed_everything(getattr(args, "seed", 0) + rank)
     return Context(rank, world, local_rank, device, amp_dtype)
+
+
+def choose_amp(amp, device, warn=True):
+    """The autocast dtype for --amp on this device (None: float32).
+    AMP: `auto` is bf16 only where the GPU computes it natively (compute
+    capability 8.0+: A100, RTX 30xx and newer). torch.cuda.is_bf16_supported()
+    also says yes on older cards (RTX 2080 Ti sm_75, V100 sm_70, T4) because
+    bf16 is emulated there, but emulated bf16 misses the tensor-core kernels and
+    crawls, so those cards get fp16 with loss scaling. On the CPU `auto` is off."""
+    if device.type != "cuda":
+        if amp == "fp16":
+            fail("--amp fp16 needs a CUDA GPU; use --amp bf16 or off on the CPU", USAGE)
+        return torch.bfloat16 if amp == "bf16" else None
+    native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+    if amp == "auto":
+        return torch.bfloat16 if native_bf16 else torch.float16
+    if amp == "bf16" and not native_bf16 and warn:
+        name, cc = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+        print(f"warning: {name} (compute capability {cc[0]}.{cc[1]}) has no native bf16: it is emulated and slow; "
+              "--amp fp16 (or auto) uses the tensor cores", file=sys.stderr, flush=True)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
 def teardown():
@@ -747,7 +1006,11 @@ def batch_shuffle(x, seed):
     it). Every rank draws the same permutation from the same seed, so nothing
     is broadcast; a seed derived from the step keeps resumed runs exact."""
     x_all = concat_all_gather(x)
-    perm = torch.randperm(x_all.shape[0], generator=torch.Generator().manual_seed(seed)).to(x.device)
+    # Drawn on x's device by a generator of that device: a CPU permutation copied
+    # over would block the host mid-forward every step. Every rank still draws
+    # the same permutation, and the same one again when a run is resumed.
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    perm = torch.randperm(x_all.shape[0], generator=g, device=x.device)
     return x_all[_own_rows(perm, x.shape[0])], torch.argsort(perm)
 
 
@@ -785,16 +1048,26 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         if n % s:
             raise ValueError(f"a batch of {n} does not split into {s} BN groups")
-        # [n, c, ...] -> [n/s, s*c, ...]: channel block b holds the samples i % s == b.
-        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
-        out = F.batch_norm(x.reshape(n // s, s * c, *x.shape[2:]), mean, var,
-                           self.weight.repeat(s) if self.affine else None, self.bias.repeat(s) if self.affine else None,
-                           True, self.momentum, self.eps)
-        with torch.no_grad():  # one running estimate: the mean over the groups
-            self.running_mean.copy_(mean.view(s, c).mean(0))
-            self.running_var.copy_(var.view(s, c).mean(0))
-            self.num_batches_tracked += 1
-        return out.reshape(x.shape)
+        # [n, c, ...] viewed as [n/s, s, c, ...]: sample i = a*s + b is in group b.
+        # Splitting the batch dimension is a view in NCHW and in channels-last
+        # alike, so the output keeps the input's memory format (a reshape that
+        # moved channels would silently copy to NCHW, twice per layer).
+        xg = x.view(n // s, s, *x.shape[1:])
+        dims = (0, *range(3, xg.dim()))                         # all but group and channel
+        shape = (1, s, c) + (1,) * (x.dim() - 2)
+        var, mean = torch.var_mean(xg.float(), dim=dims, unbiased=False)     # [s, c], float32 under AMP too
+        out = (xg - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(1, 1, c, *shape[3:]) + self.bias.view(1, 1, c, *shape[3:])
+        if self.track_running_stats:
+            with torch.no_grad():  # one running estimate: the mean over the groups of each group's statistics
+                self.num_batches_tracked += 1
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                count = x.numel() // (s * c)                    # values behind each group's statistics
+                unbiased = var * (count / max(count - 1, 1))
+                self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.mean(0).to(self.running_var.dtype), momentum)
+        return out.to(x.dtype).view(x.shape)
 
 
 def split_bn(module, splits):
@@ -812,6 +1085,10 @@ def ddp(model, ctx, sync_bn=True):
     Sec. 3); on the CPU (gloo) BN statistics stay per process."""
     if ctx.world == 1:
         return model
+    if sync_bn and any(isinstance(m, SplitBatchNorm) for m in model.modules()):
+        # convert_sync_batchnorm would turn every SplitBatchNorm (a _BatchNorm)
+        # into one global SyncBatchNorm, silently undoing the shuffle-BN groups.
+        fail("SyncBN and split BN groups (--bn-splits > 1) exclude each other: pass --bn-splits 1 under torchrun", USAGE)
     if sync_bn and ctx.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
@@ -847,23 +1124,50 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        # One multi-tensor (_foreach) kernel per line over all tensors of a
+        # group, instead of a Python loop of small kernels per parameter.
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            for w in group["params"]:
-                if w.grad is None:
-                    continue
-                g = w.grad.add(w, alpha=group["weight_decay"]) if group["weight_decay"] else w.grad.clone()
-                if group["lars"]:
-                    w_norm, g_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(g)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
-                    g.mul_(trust)
+            ws = [w for w in group["params"] if w.grad is not None]
+            if not ws:
+                continue
+            if group["weight_decay"]:
+                gs = torch._foreach_add([w.grad for w in ws], ws, alpha=group["weight_decay"])
+            else:
+                gs = torch._foreach_mul([w.grad for w in ws], 1.0)  # a copy: the adaptation below is in place
+            if group["lars"]:
+                w_norm, g_norm = torch.stack(torch._foreach_norm(ws)), torch.stack(torch._foreach_norm(gs))
+                trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
+                torch._foreach_mul_(gs, list(trust.unbind()))
+            vs = []
+            for w in ws:
                 state = self.state[w]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(w)
-                v = state["momentum_buffer"]
-                v.mul_(group["momentum"]).add_(g, alpha=group["lr"])
-                w.sub_(v)
+                vs.append(state["momentum_buffer"])
+            torch._foreach_mul_(vs, group["momentum"])
+            torch._foreach_add_(vs, gs, alpha=group["lr"])
+            torch._foreach_sub_(ws, vs)
         return loss
+
+
+def scaler_step(scaler, optimizer):
+    """optimizer.step() through the loss scaler, then its update. Returns, on
+    the device (no host sync), 1.0 if fp16 loss scaling skipped this step
+    because the gradients overflowed (the scale then drops), else 0.0. A few
+    skipped steps are normal while the scaler searches for its scale; the
+    epoch record counts them (`skipped_steps` in log.jsonl)."""
+    if not scaler.is_enabled():
+        optimizer.step()
+        return torch.zeros((), device=next(iter(_params(optimizer))).device)
+    before = scaler._scale.clone()  # AMP: GradScaler keeps its scale as a device tensor
+    scaler.step(optimizer)
+    scaler.update()
+    return (scaler._scale < before).float().squeeze()
+
+
+def _params(optimizer):
+    return (p for group in optimizer.param_groups for p in group["params"])
 
 
 def lr_at(step, total_steps, warmup_steps, base_lr, final_lr=0.0):
@@ -887,12 +1191,43 @@ def set_lr(optimizer, lr):
 # ---------------------------------------------------------------------------
 
 def save_atomic(obj, path):
+    """Write to PATH.tmp<pid>, then rename over PATH: PATH is always either the
+    previous complete file or the new one. A failed write (disk full, quota,
+    read-only) removes the temporary file, keeps PATH, and ends in one line."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
+        kept = " (the previous one is kept)" if os.path.exists(path) else ""
+        fail(f"the disk is full: could not write {path}{kept}; free some space and run the same command to resume"
+             if full else f"could not write {path}{kept} ({type(e).__name__}: {str(e)[:200]})")
+
+
+def remove_stale_temporaries(folder):
+    """Delete temporary files left by a killed save (PATH.tmp<pid> of a process that is gone)."""
+    for name in os.listdir(folder):
+        stem, _, pid = name.rpartition(".tmp")
+        if stem and pid.isdigit() and not _alive(int(pid)):
+            os.remove(os.path.join(folder, name))
+
+
+def _alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def load_checkpoint(path, hint=""):
@@ -908,15 +1243,20 @@ def load_checkpoint(path, hint=""):
     return ckpt
 
 
-def load_strict(module, state, what):
+# Flags that change how long or where a run goes, never the shapes in its checkpoint.
+RUN_ONLY_FLAGS = {"out", "resume", "epochs", "max_steps", "log_every", "workers", "knn_every", "data_dir", "download",
+                  "seed", "subset", "amp", "channels_last", "deterministic", "lr", "weight_decay", "warmup_epochs"}
+
+
+def load_strict(module, state, what, hint=""):
     """load_state_dict(strict=True) that fails in one sentence, not a page of keys."""
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
         text = str(e)
         fail(f"{what} does not fit this model ({text.count('size mismatch')} shape mismatches"
-             f"{', missing keys' if 'Missing key' in text else ''}{', unexpected keys' if 'Unexpected key' in text else ''}); "
-             "was it trained with another --arch, --image-size or method?")
+             f"{', missing keys' if 'Missing key' in text else ''}{', unexpected keys' if 'Unexpected key' in text else ''})"
+             + (hint or "; was it trained with another --arch, --image-size or method?"))
 
 
 def clean_state_dict(module):
@@ -932,16 +1272,25 @@ def resume(args, model, optimizer, scaler, extra=None):
     if args.resume == "none" or (args.resume == "auto" and not os.path.isfile(path)):
         return 0
     ckpt = load_checkpoint(path, hint="; delete it, or pass --resume none to start over")
+    if "method" not in ckpt and "step" not in ckpt:
+        fail(f"{path} is a bare backbone (the weights alone, as in backbone.pt), not a training checkpoint: "
+             "pass --resume OUT/last.pt to continue a run; evaluate a backbone with evaluate.py --ckpt", USAGE)
     if ckpt.get("method") != args.method:
         fail(f"{path} is a {ckpt.get('method')!r} checkpoint, not {args.method!r}; pass --out to start a separate run")
     for name in ("arch", "image_size", "data"):
         if ckpt["args"].get(name) != getattr(args, name):
             fail(f"{path} was trained with --{name.replace('_', '-')} {ckpt['args'].get(name)}, not {getattr(args, name)}; "
                  "pass --out to start a separate run, or --resume none to overwrite it")
-    load_strict(unwrap(model), ckpt["model"], path)
+    differ = [f"--{k.replace('_', '-')} {ckpt['args'][k]} (now {getattr(args, k)})" for k in sorted(ckpt["args"])
+              if k not in RUN_ONLY_FLAGS and hasattr(args, k) and ckpt["args"][k] != getattr(args, k)]
+    load_strict(unwrap(model), ckpt["model"], path,
+                hint=f"; it was trained with {', '.join(differ)}" if differ else "")
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        # AMP: only an fp16 run has a loss scale. Across precision modes (bf16 or
+        # off <-> fp16) one side is empty: the fp16 side then starts its scale afresh.
+        if ckpt.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
         for key, obj in (extra or {}).items():
             obj.load_state_dict(ckpt[key])
     except (KeyError, ValueError, RuntimeError) as e:
@@ -951,7 +1300,13 @@ def resume(args, model, optimizer, scaler, extra=None):
 
 def save_run(args, model, backbone, optimizer, scaler, step, epoch, extra=None):
     """last.pt (everything needed to resume; epoch = epochs completed) and
-    backbone.pt (the encoder alone, clean keys)."""
+    backbone.pt (the encoder alone, clean keys). Weights that are no longer
+    finite are never written over a good checkpoint (one host sync per save)."""
+    params = [p.detach() for p in unwrap(model).parameters()]
+    if params and not torch.isfinite(torch.stack(torch._foreach_norm(params))).all():
+        kept = "the last checkpoint is kept" if os.path.exists(os.path.join(args.out, "last.pt")) else "nothing was saved"
+        fail(f"the weights are not finite at step {step}: training diverged, most likely a learning rate too high "
+             f"(lower --lr); {kept}")
     backbone_state = clean_state_dict(backbone)
     ckpt = dict(method=args.method, epoch=epoch, step=step, args=vars(args), model=unwrap(model).state_dict(),
                 backbone=backbone_state, optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
@@ -966,10 +1321,51 @@ def save_run(args, model, backbone, optimizer, scaler, step, epoch, extra=None):
 # ---------------------------------------------------------------------------
 
 def start_run(args, ctx):
+    """Create --out, take its lock, clear what a killed run left, write args.json."""
     if ctx.main:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            fail(f"--out {args.out} is a file, not a folder; pass another --out", USAGE)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            lock_out(args.out)
+            remove_stale_temporaries(args.out)
+            with open(os.path.join(args.out, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=2)
+        except OSError as e:
+            fail(f"cannot write to --out {args.out} ({e.strerror or e}); pass a folder you can write to")
+
+
+def lock_out(folder):
+    """One live run per --out: OUT/run.lock holds the owner's PID (and host),
+    is removed at exit, and is taken over when its owner is gone."""
+    path, me = os.path.join(folder, "run.lock"), f"{os.getpid()} {os.uname().nodename}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid, _, host = f.read().strip().partition(" ")
+            except OSError:
+                pid, host = "", ""
+            if pid.isdigit() and int(pid) != os.getpid() and (host != os.uname().nodename or _alive(int(pid))):
+                fail(f"another run (process {pid}{' on ' + host if host else ''}) is writing to {folder}; "
+                     f"wait for it, stop it, or pass another --out", RUNTIME)
+            os.remove(path)  # its owner is dead: take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        atexit.register(lambda: os.path.exists(path) and _read(path) == me and os.remove(path))
+        return
+    fail(f"could not take the lock {path}; delete it if no run is using {folder}")
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def log_json(path, record):
@@ -998,26 +1394,46 @@ class Progress:
                 f"{ips:.0f} img/s  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}{extra}")
 
 
+NONFINITE_PATIENCE = 3  # fp16: log steps in a row with a non-finite loss before the run is stopped
+
+
 class StopSignal:
     """SIGINT/SIGTERM ask the run to stop at the next log step, after writing
     a checkpoint; a second signal stops at once."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.nonfinite = False, 0
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
+        if self.requested:  # the second signal: stop now, quietly; the last checkpoint stays as it was
+            print("stopped by a second signal before the next checkpoint; the last one is intact", file=sys.stderr,
+                  flush=True)
+            raise SystemExit(130)
         self.requested = True
 
-    def agreed(self, ctx):
-        """True on every rank if any rank was asked to stop (a collective: call it on all ranks)."""
-        flag = torch.tensor([float(self.requested)], device=ctx.device)
+    def agreed(self, ctx, loss=None, step=None, lr=None, scaler=None):
+        """True on every rank if any rank was asked to stop (a collective: call
+        it on all ranks, at log steps). Given the last loss, it also ends the
+        run in one line when the loss is not finite: at once in float32 and
+        bf16; in fp16 only after NONFINITE_PATIENCE log steps in a row, since a
+        loss scaler that is still searching for its scale explains a few
+        overflowing steps (it skips them, the weights stay good)."""
+        bad = 0.0 if loss is None else float(not torch.isfinite(loss.detach()).all())
+        flag = torch.tensor([float(self.requested), bad], device=ctx.device)
         if ctx.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        requested, bad = flag.tolist()
+        self.nonfinite = self.nonfinite + 1 if bad else 0
+        fp16 = scaler is not None and scaler.is_enabled()
+        if self.nonfinite and (not fp16 or self.nonfinite >= NONFINITE_PATIENCE):
+            value = float(loss.detach().float().mean())
+            fail(f"the loss is {value} at step {step}"
+                 + (f" ({self.nonfinite} log steps in a row under fp16 loss scaling)" if fp16 else "")
+                 + f"; training diverged, most likely a learning rate too high for this batch ({lr:.4g}): lower --lr"
+                 + " (or try --amp bf16/off). The last checkpoint, written before it, is kept")
+        return bool(requested)
 
 
 @torch.no_grad()
@@ -1059,17 +1475,20 @@ def extract_features(backbone, ds, transform, ctx, data, batch_size=256, workers
     untouched) and is put back in the mode it was in."""
     was_training = backbone.training
     backbone.eval()
+    # The same input path as training: channels-last input for a channels-last model.
+    channels_last = any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                        for p in backbone.parameters())
     shard = _shard(len(ds), ctx)
     keep = len(shard)
     if keep == 0:  # more processes than images: run one to learn the feature shape, keep none
         shard = range(1)
     loader = torch.utils.data.DataLoader(SeededViews(torch.utils.data.Subset(ds, shard), transform),
                                          batch_size=batch_size, num_workers=workers, worker_init_fn=ignore_stop_signals,
-                                         sampler=[(i, 0) for i in range(len(shard))])
+                                         sampler=[(i, 0) for i in range(len(shard))], pin_memory=ctx.device.type == "cuda")
     feats, labels = [], []
-    for x, y in loader:
+    for x, y in fail_on_bad_images(loader):
         with ctx.autocast():
-            h = backbone(to_device(x, ctx, data))
+            h = backbone(to_device(x, ctx, data, channels_last))
         feats.append(h.float())
         labels.append(y.to(ctx.device))
     backbone.train(was_training)

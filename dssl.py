@@ -12,28 +12,47 @@ Objective: L_DSSL = L_S + L_A (Eq. (5)): L_S is the framework's symmetric loss
 on the standard views (Eq. (2)); L_A = D(z^, y(v)) + D(z^', y(v')) pulls each
 heavy view toward the stop-gradient target of its source (Eq. (4)), with D the
 negative cosine. Eq. (6) weighs four view-pair families (alpha, beta, gamma,
-delta); L_DSSL is 1 0 1 0 and the naive "w/ T^" pairing is 1 1 1 1 (--weights).
+delta), each pair term at 1/2 so that alpha alone IS the framework's own loss.
 
 Views (App. A): two standard views (crop 0.2-1 + flip, ColorJitter
-0.4/0.4/0.4/0.1 p=0.8, grayscale p=0.2, blur p=0.5) and, for each, one heavy
-view made from it: RandAugment(n=2, m=5) with p=0.9, otherwise Jigsaw(4).
+0.4/0.4/0.4/0.1 p=0.8, grayscale p=0.2; blur p=0.5 on ImageNet) and, for each,
+one heavy view made from it: the authors' RandAugment(n=2, m=5) (HeavyRandAugment
+below: 16 ops at FIXED magnitude m/30 of each op's range, 1-bit posterize and
+17 px shifts on CIFAR at m=5), or, with probability p, Jigsaw(4).
 
     python dssl.py --data cifar10 --framework simsiam
     torchrun --nproc_per_node=8 dssl.py --data imagenet --data-dir /datasets/imagenet --framework byol
 
-Deviations from the paper:
-- SimCLR framework: L = NT-Xent(z1, z2) + gamma * [D(z^1, z1) + D(z^2, z2)] / 2,
-  D on the projections with stop-gradient on the source (design choice, see
-  dssl_nt_xent_loss); the paper gives no pseudocode for it, only the "+2n"
-  cost of Sec. 4.1. All three frameworks train with SimSiam's SGD recipe (the
-  paper does so for BYOL, Sec. 4.1; for SimCLR it used a public repository
-  whose optimiser it does not state).
-- BYOL's loss uses D (negative cosine), as Algorithm 1 does, not BYOL's
-  normalised MSE (= 2 + 2D: the same gradient, twice as large).
+Deviations from the paper (defaults follow the authors' code, Yif-Yang/DSSL):
+- CIFAR weights are 1 0 0.9 0.1 (gamma heavy -> source, delta source -> heavy:
+  the "soft" loss of simsiam_cifar10/main.py, soft_loss_rate 0.1); Algorithm 1
+  and the ImageNet code use 1 0 1 0 (--weights 1 0 1 0).
+- Each pair term weighs 1/2 (their code); Algorithm 1 prints 1/4, half of it.
+- No jigsaw on CIFAR (--p-jigsaw 0): the authors' CIFAR pipeline draws
+  RandAugment on every heavy view (simsiam_cifar10/augmentations/simsiam_aug.py),
+  and it produced the CIFAR numbers of Table 2; App. A.2's jigsaw with p=0.1 is
+  --p-jigsaw 0.1, the ImageNet default (simsiam_imagenet/augmentations).
+- CIFAR standard views have no blur (their CIFAR pipeline; App. A.1 says p=0.5:
+  --blur 0.5); on ImageNet MoCo v2's PIL blur, radius 0.1-2, as their code.
+- CIFAR SimSiam/BYOL warm up for 10 epochs (simsiam_cifar10/run.py); Sec. 4.2
+  names only the cosine decay (--warmup-epochs 0).
+- RA(2, 5) as App. A.2 says; the authors' CIFAR launcher used m=9 (--ra-m 9).
+- BYOL: EMA 0.99 constant also on ImageNet (byol_harder-aug_imagenet/byol/byol.py);
+  BYOL's own cosine schedule from 0.996 is --ema-schedule cosine --ema-momentum 0.996.
+  BYOL's loss is D (negative cosine), as Algorithm 1, not its normalised MSE (= 2 + 2D).
+- SimCLR framework: SimCLR's own recipe (Sec. 4.1 "strictly follow"), from the
+  repository the paper names, AndrewAtanov/simclr-pytorch (configs/, models/encoder.py):
+  LARS, lr 1.0 x B/256, warmup 1% of the run, wd 1e-6, tau 0.5, colour strength 0.5,
+  crop 0.08-1, head fc-BN-ReLU-fc-BN (ImageNet: lr 0.3, warmup 10%, tau 0.1, s=1.0),
+  at the paper's B=512 (the config: 1024). Its L_A is D on the projections, a design
+  choice (dssl_nt_xent_loss): the paper gives only the "+2n" cost of Sec. 4.1.
+- --naive, the "w/ T^" row of Table 2: our reading of "training views are jointly
+  augmented from standard and heavy augmentations" and of Table 5's "heavily
+  augmented view-pairs" is the framework's own symmetric loss on the heavy pair
+  as an extra pair, i.e. --weights 1 1 0 0 (Algorithm 2's mean over two pairs is
+  --weights 0.5 0.5 0 0; every pair of Eq. (6) is --weights 1 1 1 1).
 - `--heavy off` is the two-view baseline (Table 5's "1 standard view-pair"),
-  not the four-standard-view re-implementation of Sec. 4.1 / Algorithm 2.
-- A heavy view gets RandAugment OR the jigsaw ("with probability 0.9 and 0.1
-  respectively", App. A.2), so t^ is never the identity (Sec. 3.2).
+  not the four-standard-view re-implementation of Algorithm 2.
 """
 import argparse
 import copy
@@ -49,7 +68,7 @@ import torch.nn.functional as F
 import common
 
 # Head widths per framework, as in each framework's paper (DSSL Sec. 4.1 keeps them):
-# (projector hidden, projector output, predictor hidden); None = no such layer.
+# (projector hidden, projector output, predictor hidden); None = as wide as the backbone / no predictor.
 HEADS = {
     "simsiam": (2048, 2048, 512),  # SimSiam baseline settings: 2048-d fc layers, 512-d predictor bottleneck
     "byol": (4096, 256, 4096),     # BYOL Sec. 3.3: MLP 4096 -> 256, predictor of the same shape
@@ -65,44 +84,69 @@ def get_args(argv=None):
                    help="the method DSSL is applied to (Table 2); simsiam as in Algorithm 1")
     g.add_argument("--heavy", default="on", choices=("on", "off"),
                    help="heavy views T^ (Sec. 3.2); off = the framework alone on two standard views (Table 2 'repro.')")
-    g.add_argument("--weights", type=float, nargs=4, metavar=("ALPHA", "BETA", "GAMMA", "DELTA"), default=None,
-                   help="alpha beta gamma delta, the Eq. (6) weights of SV<->SV, HV<->HV, SV<-HV, HV<-SV; "
-                        "1 0 1 0 = L_DSSL (Eq. (5), Algorithm 1), 1 1 1 1 = naive 'w/ T^' (Table 2)")
-    g.add_argument("--ra-n", type=int, default=2, help="n, RandAugment ops per heavy view, RA(n, m); 2, App. A.2")
-    g.add_argument("--ra-m", type=int, default=5, help="m, RandAugment magnitude on the 0-30 scale; 5, App. A.2 (Fig. 4)")
-    g.add_argument("--jigsaw-grid", type=int, default=4, help="jigsaw grid n (n x n tiles), Jigsaw(n); 4, App. A.2")
-    g.add_argument("--p-jigsaw", type=float, default=0.1,
-                   help="probability that a heavy view is the jigsaw instead of RandAugment; 0.1, App. A.2")
-    g.add_argument("--blur", type=float, default=0.5, help="probability of Gaussian blur in the standard views; 0.5, App. A.1")
-    g.add_argument("--proj-layers", type=int, default=None,
+    g.add_argument("--weights", type=common.nonneg_float, nargs=4, metavar=("ALPHA", "BETA", "GAMMA", "DELTA"), default=None,
+                   help="alpha beta gamma delta, the Eq. (6) weights of SV<->SV, HV<->HV, SV<-HV, HV<-SV, each pair "
+                        "term at 1/2; 1 0 0.9 0.1 CIFAR (the authors' CIFAR trainer), 1 0 1 0 ImageNet (Algorithm 1)")
+    g.add_argument("--naive", action="store_true",
+                   help="Table 2's 'w/ T^' row: the framework's loss on the heavy pair as an extra pair (= --weights 1 1 0 0)")
+    g.add_argument("--ra-n", type=common.nonneg_int, default=2, help="n, RandAugment ops per heavy view, RA(n, m); 2, App. A.2")
+    g.add_argument("--ra-m", type=common.nonneg_int, default=5,
+                   help="m, RandAugment magnitude on the 0-30 scale; 5, App. A.2 (Fig. 4); the authors' CIFAR launcher used 9")
+    g.add_argument("--jigsaw-grid", type=common.positive_int, default=4, help="jigsaw grid n (n x n tiles), Jigsaw(n); 4, App. A.2")
+    g.add_argument("--p-jigsaw", type=common.probability, default=None,
+                   help="probability that a heavy view is the jigsaw instead of RandAugment; 0 CIFAR (the authors' "
+                        "CIFAR pipeline), 0.1 ImageNet (App. A.2 and their ImageNet code)")
+    g.add_argument("--crop-min", type=common.probability, default=None,
+                   help="smallest crop area of the standard views; 0.2 SimSiam/BYOL (App. A.1), 0.08 SimCLR")
+    g.add_argument("--color-strength", type=common.nonneg_float, default=None,
+                   help="s, standard views' ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) p=0.8; 0.5 (App. A.1: 0.4/0.4/0.4/0.1), "
+                        "1.0 SimCLR on ImageNet")
+    g.add_argument("--blur", type=common.probability, default=None,
+                   help="probability of Gaussian blur in the standard views; 0 CIFAR (the authors' CIFAR pipeline), "
+                        "0.5 ImageNet (App. A.1)")
+    g.add_argument("--proj-layers", type=common.positive_int, default=None,
                    help="SimSiam projector depth (fc layers, BN on each); 2 CIFAR, 3 ImageNet (SimSiam). simsiam only")
-    g.add_argument("--ema-momentum", type=float, default=None,
-                   help="m, BYOL target EMA momentum (base value under --ema-schedule cosine); "
-                        "0.99 CIFAR (Sec. 4.2), 0.996 ImageNet (BYOL Sec. 3.3). byol only")
+    g.add_argument("--ema-momentum", type=common.probability, default=None,
+                   help="m, BYOL target EMA momentum (base value under --ema-schedule cosine); 0.99 (Sec. 4.2 and the "
+                        "authors' ImageNet BYOL code). byol only")
     g.add_argument("--ema-schedule", default=None, choices=("constant", "cosine"),
-                   help="BYOL target momentum schedule: constant m, or m_k = 1 - (1 - m)(cos(pi k/K) + 1)/2 "
-                        "(BYOL Sec. 3.3); constant CIFAR, cosine ImageNet. byol only")
-    g.add_argument("--tau", type=float, default=None,
+                   help="BYOL target momentum schedule: constant m (the authors' code), or m_k = 1 - (1 - m)(cos(pi k/K) + 1)/2 "
+                        "(BYOL Sec. 3.3). byol only")
+    g.add_argument("--tau", type=common.positive_float, default=None,
                    help="tau, NT-Xent temperature of the simclr framework; 0.5 CIFAR, 0.1 ImageNet (SimCLR). simclr only")
     args = parser.parse_args(argv)
-    if args.heavy == "off" and args.weights is not None:
-        common.fail("--weights weighs heavy-view terms, which --heavy off does not have; drop one of the two", common.USAGE)
+    if args.heavy == "off" and (args.weights is not None or args.naive):
+        common.fail("--weights and --naive weigh heavy-view terms, which --heavy off does not have; drop one", common.USAGE)
+    if args.naive and args.weights is not None:
+        common.fail("--naive is --weights 1 1 0 0; give one of the two", common.USAGE)
     if args.out is None:  # one folder per framework and baseline, so that --resume auto never mixes them
         args.out = os.path.join("runs", f"dssl-{args.framework}{'-noheavy' if args.heavy == 'off' else ''}-{args.data}")
-    recipes = {  # "small": CIFAR, Sec. 4.2 (SimSiam's CIFAR recipe); "large": ImageNet, Sec. 4.1 (SimSiam's optimiser)
-        "small": dict(arch="resnet18", epochs=800, batch_size=512, lr=0.03, weight_decay=5e-4, warmup_epochs=0,
-                      proj_layers=2, ema_momentum=0.99, ema_schedule="constant", tau=0.5),
+    # "small": CIFAR, the authors' CIFAR trainer (simsiam_cifar10/run.py: SimSiam's CIFAR recipe, Sec. 4.2, plus
+    # 10 warmup epochs); "large": ImageNet, Sec. 4.1 and the authors' ImageNet code (lr 0.1 at B=512).
+    recipes = {
+        "small": dict(arch="resnet18", epochs=800, batch_size=512, lr=0.03, weight_decay=5e-4, warmup_epochs=10,
+                      proj_layers=2, ema_momentum=0.99, ema_schedule="constant", tau=0.5, p_jigsaw=0.0,
+                      crop_min=0.2, color_strength=0.5, blur=0.0),
         "large": dict(arch="resnet50", epochs=100, batch_size=512, lr=0.05, weight_decay=1e-4, warmup_epochs=0,
-                      proj_layers=3, ema_momentum=0.996, ema_schedule="cosine", tau=0.1),
+                      proj_layers=3, ema_momentum=0.99, ema_schedule="constant", tau=0.1, p_jigsaw=0.1,
+                      crop_min=0.2, color_strength=0.5, blur=0.5),
     }
+    large = args.data in ("imagenet", "folder")
+    if args.framework == "simclr":  # SimCLR's own recipe (Sec. 4.1), AndrewAtanov/simclr-pytorch configs
+        recipes["small"].update(lr=1.0, weight_decay=1e-6, warmup_epochs=None, crop_min=0.08)   # cifar_train_*.yaml
+        recipes["large"].update(lr=0.3, weight_decay=1e-6, warmup_epochs=None, crop_min=0.08,  # imagenet_train_*bs512.yaml
+                                color_strength=1.0)
     args = common.finish_args(args, "dssl", recipes)
+    if args.warmup_epochs is None:  # simclr: warmup 1% (CIFAR) / 10% (ImageNet) of the run, as its configs
+        args.warmup_epochs = args.epochs * (0.1 if large else 0.01)
     if args.heavy == "on" and args.weights is None:
-        args.weights = [1.0, 0.0, 1.0, 0.0]
+        args.weights = [1.0, 1.0, 0.0, 0.0] if args.naive else [1.0, 0.0, 1.0, 0.0] if large else [1.0, 0.0, 0.9, 0.1]
     checks = [(args.weights is None or (min(args.weights) >= 0 and sum(args.weights) > 0),
                f"--weights must be non-negative and not all 0, got {args.weights}"),
               (args.ra_n >= 1 and 0 <= args.ra_m <= 30, f"--ra-n must be >= 1 and --ra-m in 0..30, got {args.ra_n}, {args.ra_m}"),
               (1 <= args.jigsaw_grid <= args.image_size, f"--jigsaw-grid must be in 1..{args.image_size}, got {args.jigsaw_grid}"),
               (0 <= args.p_jigsaw <= 1 and 0 <= args.blur <= 1, "--p-jigsaw and --blur are probabilities in [0, 1]"),
+              (0 < args.crop_min <= 1 and args.color_strength >= 0, "--crop-min must be in (0, 1] and --color-strength >= 0"),
               (args.proj_layers >= 1, f"--proj-layers must be at least 1, got {args.proj_layers}"),
               (0 <= args.ema_momentum <= 1, f"--ema-momentum must be in [0, 1], got {args.ema_momentum}"),
               (args.tau > 0, f"--tau must be positive, got {args.tau}")]
@@ -116,12 +160,60 @@ def get_args(argv=None):
 # Views (Sec. 3.2, App. A): two standard views, and a heavy view made from each
 # ---------------------------------------------------------------------------
 
+class HeavyRandAugment:
+    """RA(n, m) as the authors ran it (App. A.2; Yif-Yang/DSSL augmentations/rand_aug_custom.py,
+    the TPU EfficientNet RandAugment table): n ops drawn uniformly WITH replacement from
+    the 16 below, each applied (no probability) at the fixed value low + (high - low) m/30,
+    negated with probability 1/2 for the geometric ones. Unlike torchvision's RandAugment
+    (whose m=5 is a 7-bit posterize and 2 px shifts) this is heavy on 32 px images: at
+    m=5 a 1-bit posterize, 17 px shifts, 6.7 px cutout, enhance factor 0.4."""
+
+    OPS = {  # name: (pixel op from common, low, high, random sign)
+        "AutoContrast": (common.auto_contrast, 0, 1, False),
+        "Equalize": (common.equalize, 0, 1, False),
+        "Invert": (common.invert, 0, 1, False),
+        "Rotate": (common.rotate, 0, 30, True),                                     # degrees
+        "Posterize": (lambda img, v: common.posterize(img, max(1, int(v))), 0, 4, False),  # bits kept, at least 1
+        "Solarize": (common.solarize, 0, 256, False),                               # threshold
+        "SolarizeAdd": (common.solarize_add, 0, 110, False),                        # added, then solarize at 128
+        "Color": (common.color, 0.1, 1.9, False),                                   # enhance factors
+        "Contrast": (common.contrast, 0.1, 1.9, False),
+        "Brightness": (common.brightness, 0.1, 1.9, False),
+        "Sharpness": (common.sharpness, 0.1, 1.9, False),
+        "ShearX": (common.shear_x, 0.0, 0.3, True),
+        "ShearY": (common.shear_y, 0.0, 0.3, True),
+        "CutoutAbs": (lambda img, v: common.cutout(img, v, fill=(125, 123, 114)), 0, 40, False),  # side in px; their fill
+        "TranslateX": (common.translate_x, 0.0, 100.0, True),                      # absolute pixels, not a fraction
+        "TranslateY": (common.translate_y, 0.0, 100.0, True),
+    }
+
+    def __init__(self, n=2, m=5):
+        self.n, self.m = n, m
+
+    def sample(self):
+        """The n ops to apply, in order: a list of (name, signed value)."""
+        names = list(self.OPS)
+        chosen = []
+        for i in torch.randint(len(names), (self.n,)).tolist():
+            _, low, high, signed = self.OPS[names[i]]
+            v = low + (high - low) * self.m / 30
+            if signed and float(torch.rand(())) < 0.5:
+                v = -v
+            chosen.append((names[i], v))
+        return chosen
+
+    def __call__(self, img):
+        for name, v in self.sample():
+            img = self.OPS[name][0](img, v)
+        return img
+
+
 class HeavyAugment:
-    """t^ ~ T^ (App. A.2): RandAugment(n, m) with probability 1 - p_jigsaw,
-    otherwise the grid x grid jigsaw. Works on a PIL image: the standard view."""
+    """t^ ~ T^ (App. A.2): Jigsaw(grid) with probability p_jigsaw, otherwise RA(n, m).
+    Works on a PIL image: the standard view."""
 
     def __init__(self, n, m, grid, p_jigsaw):
-        self.randaugment, self.jigsaw, self.p_jigsaw = common.randaugment(n, m), common.Jigsaw(grid), p_jigsaw
+        self.randaugment, self.jigsaw, self.p_jigsaw = HeavyRandAugment(n, m), common.Jigsaw(grid), p_jigsaw
 
     def __call__(self, img):
         return self.jigsaw(img) if float(torch.rand(())) < self.p_jigsaw else self.randaugment(img)
@@ -132,8 +224,10 @@ class DSSLViews:
     `heavy` is an attribute so a test can swap it for the identity."""
 
     def __init__(self, args):
-        self.t = common.view_transform(args.image_size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1),
-                                       p_jitter=0.8, p_gray=0.2, p_blur=args.blur)  # T, App. A.1
+        s = args.color_strength
+        self.t = common.view_transform(args.image_size, scale=(args.crop_min, 1.0), jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
+                                       p_jitter=0.8, p_gray=0.2, p_blur=args.blur,  # T, App. A.1
+                                       blur="kernel" if args.framework == "simclr" else "pil")  # SimCLR's / MoCo v2's blur
         self.heavy = HeavyAugment(args.ra_n, args.ra_m, args.jigsaw_grid, args.p_jigsaw) if args.heavy == "on" else None
 
     def __call__(self, img):
@@ -163,6 +257,15 @@ def mlp(dim, hidden, out, bias=True):
     return nn.Sequential(nn.Linear(dim, hidden, bias=bias), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
 
 
+def simclr_projector(dim, out):
+    """The SimCLR head of the repository DSSL used (AndrewAtanov/simclr-pytorch models/encoder.py):
+    fc-BN-ReLU-fc-BN, fc layers without bias, the output BN's shift frozen at 0 (scale only)."""
+    head = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
+                         nn.Linear(dim, out, bias=False), nn.BatchNorm1d(out))
+    head[-1].bias.requires_grad_(False)
+    return head
+
+
 class DSSL(nn.Module):
     def __init__(self, framework, arch, image_size, proj_layers=2, heavy_targets=False):
         super().__init__()
@@ -179,7 +282,7 @@ class DSSL(nn.Module):
             for p in [*self.target_backbone.parameters(), *self.target_projector.parameters()]:
                 p.requires_grad_(False)
         else:
-            self.projector, self.predictor = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, out)), None
+            self.projector, self.predictor = simclr_projector(dim, out), None
 
     def forward(self, views):
         """views: list of [n, 3, S, S] batches [v, v'(, v^, v^')]. Returns (p, z),
@@ -202,8 +305,8 @@ class DSSL(nn.Module):
         """BYOL's EMA (Sec. 3.1): xi <- m * xi + (1 - m) * theta, after each optimizer step."""
         online = [*self.backbone.parameters(), *self.projector.parameters()]
         target = [*self.target_backbone.parameters(), *self.target_projector.parameters()]
-        for t, o in zip(target, online):
-            t.mul_(m).add_(o.detach(), alpha=1 - m)
+        torch._foreach_mul_(target, m)  # one fused kernel per op over all tensors, not one launch per tensor
+        torch._foreach_add_(target, online, alpha=1 - m)
 
 
 def target_momentum(step, total_steps, base, schedule):
@@ -228,10 +331,12 @@ def negative_cosine(p, z):
 
 
 def dssl_loss(p1, p2, z1, z2, ph1, ph2, zh1=None, zh2=None, weights=(1.0, 0.0, 1.0, 0.0)):
-    """Eq. (6) with D as the pair loss, over 4 so that the default weights give
-    Algorithm 1 exactly: D(p1,z2)/4 + D(p2,z1)/4 + D(ph1,z1)/4 + D(ph2,z2)/4.
-    p*: [N, D] online predictions of v, v', v^, v^'; z*: their targets (zh* only
-    needed when beta or delta != 0). weights = (alpha, beta, gamma, delta):
+    """Eq. (6) with D as the pair loss, every pair term at 1/2 as in the authors'
+    code: weights 1 0 0 0 are SimSiam's D(p1,z2)/2 + D(p2,z1)/2, so a DSSL run
+    trains the standard pair at the rate of its baseline; 1 0 1 0 is Algorithm 1
+    times 2 (it prints /4). p*: [N, D] online predictions of v, v', v^, v^';
+    z*: their targets (zh* only needed when beta or delta != 0).
+    weights = (alpha, beta, gamma, delta):
       alpha [D(p1,z2) + D(p2,z1)]    SV <-> SV, L_S (Eq. (2))
       beta  [D(ph1,zh2) + D(ph2,zh1)]  HV <-> HV
       gamma [D(ph1,z1) + D(ph2,z2)]  SV <- HV, each heavy view to its own source, L_A (Eq. (4))
@@ -243,7 +348,7 @@ def dssl_loss(p1, p2, z1, z2, ph1, ph2, zh1=None, zh2=None, weights=(1.0, 0.0, 1
         if zh1 is None or zh2 is None:
             raise ValueError("dssl_loss: beta or delta != 0 needs the heavy views' targets zh1, zh2")
         loss = loss + beta * (D(ph1, zh2) + D(ph2, zh1)) + delta * (D(p1, zh1) + D(p2, zh2))
-    return loss / 4
+    return loss / 2
 
 
 def nt_xent_loss(z1, z2, tau):
@@ -256,7 +361,7 @@ def nt_xent_loss(z1, z2, tau):
     logits = z @ z.T / tau                                          # [2N, 2N] cosine / tau
     self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(self_mask, float("-inf"))           # an anchor is not its own negative
-    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    positive = torch.arange(2 * n, device=z.device).roll(n)        # [n..2n-1, 0..n-1], made on the device: no copy
     return F.cross_entropy(logits, positive)
 
 
@@ -300,7 +405,7 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
     """Trains from optimizer step `step` to the end of the epoch (or stop_at,
     or a stop request). Returns (step, epoch means of loss and z-std, stopped)."""
     model.train()
-    sums, n, stopped = torch.zeros(2, device=ctx.device), 0, False  # loss, z-std: summed on the device
+    sums, n, stopped = torch.zeros(3, device=ctx.device), 0, False  # loss, z-std, skipped steps: summed on the device
     total_steps = args.epochs * loader.sampler.steps  # K of the BYOL momentum schedule
     for views, _ in loader:
         lr = lr_at(step)
@@ -311,22 +416,22 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
         loss = training_loss(p, z, args)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # AMP: scaled only in fp16
-        scaler.step(optimizer)
-        scaler.update()
+        skipped = common.scaler_step(scaler, optimizer)  # AMP: 1 where fp16 skipped a step with overflowing gradients
         if args.framework == "byol":
             common.unwrap(model).update_target(target_momentum(step, total_steps, args.ema_momentum, args.ema_schedule))
         step += 1
         z_std = common.embedding_std(z[0])  # collapse indicator on the targets y(v): ~1/sqrt(D) healthy, 0 collapsed
-        sums += torch.stack([loss.detach(), z_std])
+        sums += torch.stack([loss.detach(), z_std, skipped])
         n += 1
         if step % args.log_every == 0 or step == stop_at:
             if ctx.main:  # the only host sync in the loop
                 print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}"), flush=True)
-            stopped = stop.agreed(ctx)  # DDP: every rank stops at the same step
+            # DDP: every rank stops at the same step; a non-finite loss ends the run in one line
+            stopped = stop.agreed(ctx, loss, step, lr, scaler)
         if stopped or step >= stop_at:
             break
-    loss, z_std = (sums / max(n, 1)).tolist()
-    return step, dict(loss=loss, z_std=z_std), stopped
+    loss, z_std, skipped = sums.tolist()
+    return step, dict(loss=loss / max(n, 1), z_std=z_std / max(n, 1), skipped_steps=round(skipped)), stopped
 
 
 def main(argv=None):
@@ -340,9 +445,12 @@ def main(argv=None):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = common.ddp(model, ctx)  # SyncBN on GPUs: global BN (SimSiam, BYOL, SimCLR)
-    base_lr = args.lr * args.batch_size / 256  # Sec. 4.2: lr 0.03 x B/256 (SimSiam's rule)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=base_lr, momentum=0.9,
-                                weight_decay=args.weight_decay)  # SimSiam's SGD: momentum 0.9, decay on every weight
+    base_lr = args.lr * args.batch_size / 256  # Sec. 4.2: lr 0.03 x B/256 (SimSiam's rule); SimCLR: 1.0 x B/256
+    if args.framework == "simclr":  # SimCLR's LARS (Sec. 4.1; simclr-pytorch): no decay or adaptation on BN and biases
+        optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=0.9, eta=0.001)
+    else:
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=base_lr, momentum=0.9,
+                                    weight_decay=args.weight_decay)  # SimSiam's SGD: momentum 0.9, decay on every weight
     scaler = ctx.grad_scaler()
     step = common.resume(args, model, optimizer, scaler)
     common.start_run(args, ctx)  # after resume() accepted OUT's checkpoint: a refused run leaves OUT untouched

@@ -1,4 +1,4 @@
-"""Evaluate a frozen pre-trained backbone: weighted kNN and a linear probe.
+"""Evaluate a frozen pre-trained network: weighted kNN and a linear probe.
 
 Works on the checkpoints of all five methods: `last.pt` (its args say the
 data set, architecture and image size) or `backbone.pt` (read with the
@@ -12,6 +12,8 @@ evaluated on another data set than the one it was trained on.
     # paper-style probe, e.g. ReSSL/DSSL on CIFAR: SGD lr 30, 100 epochs, x0.1 at 60 and 80
     python evaluate.py --ckpt runs/ressl-cifar10/last.pt --linear-aug --linear-optim sgd \\
         --linear-lr 30 --linear-epochs 100 --linear-schedule step --linear-milestones 60 80
+    # AAG's kNN (Tables 1-7) is on the 128-d embedding, the head's output
+    python evaluate.py --ckpt runs/aag-cifar10/last.pt --features embedding --no-linear
 
 Protocols:
 - kNN (Wu et al. 2018): k=200 nearest training features by cosine similarity
@@ -20,7 +22,14 @@ Protocols:
   standardised with the training mean and std, then a linear layer trained.
 - linear, paper-style (--linear-aug): random resized crop + flip of every
   training image every epoch through the frozen backbone (eval mode: BN
-  statistics are never updated), optimiser, lr, epochs and schedule as flags.
+  statistics are never updated), optimiser, lr, epochs, schedule and crop
+  range (--linear-crop-scale) as flags.
+- --features embedding: both protocols on the head's output z = g(h) instead
+  of h. The head is rebuilt from last.pt's `projector.*` weights (every
+  method names its head g `projector`): a bare Linear, or a Sequential whose
+  Linear and BatchNorm1d layers are read from their shapes and whose
+  parameter-free slots are ReLUs (true of every head in the five files). It
+  runs in eval mode (BN with its running statistics). backbone.pt has no head.
 """
 import argparse
 import json
@@ -42,42 +51,92 @@ def get_args(argv=None):
     parser.add_argument("--data", choices=common.DATASETS, help="data set (default: the checkpoint's)")
     parser.add_argument("--data-dir", help="where the data sets live (default: the checkpoint's, else ./data)")
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="fetch CIFAR, SVHN or STL-10 when missing")
-    parser.add_argument("--image-size", type=int, help="evaluation image side (default: the checkpoint's)")
+    parser.add_argument("--image-size", type=common.positive_int, help="evaluation image side (default: the checkpoint's)")
     parser.add_argument("--arch", choices=common.ARCHS, help="backbone (default: the checkpoint's)")
-    parser.add_argument("--subset", type=int, help="use only the first N training images")
-    parser.add_argument("--batch-size", type=int, default=256, help="feature extraction batch per process")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
+    parser.add_argument("--subset", type=common.positive_int, help="use only the first N training images")
+    parser.add_argument("--batch-size", type=common.positive_int, default=256, help="feature extraction batch per process")
+    parser.add_argument("--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1), help="data loader processes")
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="mixed precision for feature extraction")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--features", default="backbone", choices=("backbone", "embedding"),
+                        help="evaluate h = f(x) (default; SimCLR Sec. 4.2) or the head's output g(h), read from last.pt "
+                             "(AAG's kNN: 'low-dim features of the last layer')")
     parser.add_argument("--knn", action=argparse.BooleanOptionalAction, default=True, help="run the kNN protocol")
-    parser.add_argument("--knn-k", type=int, default=200, help="k neighbours (200, Wu et al. 2018)")
-    parser.add_argument("--knn-t", type=float, default=0.1, help="vote temperature (0.1, Wu et al. 2018)")
+    parser.add_argument("--knn-k", type=common.positive_int, default=200, help="k neighbours (200, Wu et al. 2018)")
+    parser.add_argument("--knn-t", type=common.positive_float, default=0.1, help="vote temperature (0.1, Wu et al. 2018)")
     parser.add_argument("--linear", action=argparse.BooleanOptionalAction, default=True, help="run the linear protocol")
     parser.add_argument("--linear-aug", action="store_true", help="paper-style probe: crop + flip every epoch")
+    parser.add_argument("--linear-crop-scale", type=common.probability, nargs=2, default=(0.08, 1.0), metavar=("LO", "HI"),
+                        help="area range of --linear-aug's random resized crop (default 0.08 1; DSSL's CIFAR probe: 0.8 1)")
     parser.add_argument("--linear-optim", default="adam", choices=("sgd", "nesterov", "adam"),
                         help="adam (AAG: lr 0.01), sgd (ReSSL/DSSL: lr 30) or nesterov (SimCLR: 0.1 x B/256)")
-    parser.add_argument("--linear-lr", type=float, default=0.01, help="linear probe learning rate")
-    parser.add_argument("--linear-epochs", type=int, default=50, help="linear probe epochs")
+    parser.add_argument("--linear-lr", type=common.positive_float, default=0.01, help="linear probe learning rate")
+    parser.add_argument("--linear-epochs", type=common.positive_int, default=50, help="linear probe epochs")
     parser.add_argument("--linear-schedule", default="cosine", choices=("cosine", "step"), help="cosine to 0, or x0.1 at each milestone")
-    parser.add_argument("--linear-milestones", type=int, nargs="*", default=[60, 80], help="epochs of the x0.1 steps")
-    parser.add_argument("--linear-wd", type=float, default=0.0, help="linear probe weight decay")
-    parser.add_argument("--linear-batch-size", type=int, default=256, help="linear probe batch (global)")
+    parser.add_argument("--linear-milestones", type=common.positive_int, nargs="*", default=[60, 80], help="epochs of the x0.1 steps")
+    parser.add_argument("--linear-wd", type=common.nonneg_float, default=0.0, help="linear probe weight decay")
+    parser.add_argument("--linear-batch-size", type=common.positive_int, default=256, help="linear probe batch (global)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.random_init == bool(args.ckpt):
         common.fail("give either --ckpt PATH or --random-init", common.USAGE)
+    if args.features == "embedding" and args.random_init:
+        common.fail("--features embedding reads the head from a last.pt; a --random-init network has none", common.USAGE)
+    lo, hi = args.linear_crop_scale
+    if not 0 < lo <= hi <= 1:
+        common.fail(f"--linear-crop-scale {lo} {hi}: need 0 < LO <= HI <= 1", common.USAGE)
     return args
+
+
+def load_head(model_state, where):
+    """The projection head g rebuilt from a last.pt's model state dict (its
+    `projector.*` entries), loaded strictly. Returns (head, output size).
+    Linear layers are read from 2-D weights, BatchNorm1d from running_mean
+    (affine when it has a weight), and a slot with no parameters between them
+    is a ReLU, as in every head of the five methods."""
+    prefix = "projector."
+    state = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+    if not state:
+        common.fail(f"--features embedding: {where} holds no head (no 'projector' weights)", common.USAGE)
+    if "weight" in state:  # a bare nn.Linear (AAG's linear head)
+        w = state["weight"]
+        head = nn.Linear(w.shape[1], w.shape[0], bias="bias" in state)
+        out_dim = w.shape[0]
+    else:
+        slots = {}
+        for key, value in state.items():
+            index, _, name = key.partition(".")
+            if not index.isdigit():
+                common.fail(f"--features embedding: cannot rebuild the head of {where} (entry projector.{key})", common.USAGE)
+            slots.setdefault(int(index), {})[name] = value
+        layers, out_dim = [], None
+        for i in range(max(slots) + 1):
+            p = slots.get(i)
+            if p is None:
+                layers.append(nn.ReLU(inplace=True))
+            elif "running_mean" in p:
+                layers.append(nn.BatchNorm1d(len(p["running_mean"]), affine="weight" in p))
+            elif "weight" in p and p["weight"].dim() == 2:
+                layers.append(nn.Linear(p["weight"].shape[1], p["weight"].shape[0], bias="bias" in p))
+                out_dim = p["weight"].shape[0]
+            else:
+                common.fail(f"--features embedding: cannot rebuild layer {i} of the head of {where}", common.USAGE)
+        head = nn.Sequential(*layers)
+    common.load_strict(head, state, f"the head of {where}")
+    return head, out_dim
 
 
 def load_backbone(args):
     """Returns (backbone with the checkpoint's weights, or random ones) and fills
     args.data / arch / image_size / data_dir from the checkpoint where not given."""
-    state, saved = None, {}
+    state, saved, model_state = None, {}, None
     if args.ckpt:
         ckpt = common.load_checkpoint(args.ckpt)
         if "backbone" in ckpt and "args" in ckpt:          # last.pt of any method
-            state, saved = ckpt["backbone"], ckpt["args"]
+            state, saved, model_state = ckpt["backbone"], ckpt["args"], ckpt.get("model")
         else:                                              # backbone.pt: a bare state dict
+            if args.features == "embedding":
+                common.fail(f"--features embedding needs a last.pt: {args.ckpt} holds the backbone alone", common.USAGE)
             state = ckpt
             beside = os.path.join(os.path.dirname(args.ckpt), "args.json")
             if os.path.isfile(beside):
@@ -95,6 +154,9 @@ def load_backbone(args):
     backbone, dim = common.resnet(args.arch, saved.get("image_size", args.image_size))
     if state is not None:
         common.load_strict(backbone, state, args.ckpt)
+    if args.features == "embedding":  # z = g(f(x)): the network the kNN and the probe then see
+        head, dim = load_head(model_state or {}, args.ckpt)
+        backbone = nn.Sequential(backbone, head)
     return backbone, dim
 
 
@@ -103,7 +165,7 @@ def linear_with_aug(backbone, dim, train_set, test_f, test_y, classes, args, ctx
     torch.manual_seed(args.seed)
     head = nn.Linear(dim, classes).to(ctx.device)
     ddp_head = common.ddp(head, ctx, sync_bn=False)
-    scale = (0.08, 1.0)
+    scale = tuple(args.linear_crop_scale)  # 0.08-1 (Inception-style, default); DSSL's CIFAR probe: 0.8-1
     tf = T.Compose([T.RandomResizedCrop(args.image_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
                     T.RandomHorizontalFlip(), common.to_tensor])
     loader, sampler = common.train_loader(train_set, tf, args.linear_batch_size, args.workers, args.seed, ctx)
@@ -137,7 +199,7 @@ def main(argv=None):
     tf = common.eval_transform(args.data, args.image_size)
     train_f, train_y = common.extract_features(backbone, train_set, tf, ctx, args.data, args.batch_size, args.workers)
     test_f, test_y = common.extract_features(backbone, test_set, tf, ctx, args.data, args.batch_size, args.workers)
-    results = dict(ckpt=args.ckpt, data=args.data, arch=args.arch, image_size=args.image_size,
+    results = dict(ckpt=args.ckpt, data=args.data, arch=args.arch, image_size=args.image_size, features=args.features,
                    train_images=len(train_f), test_images=len(test_f))
     if args.knn:
         results["knn_top1"] = common.knn_top1(train_f, train_y, test_f, test_y, classes, args.knn_k, args.knn_t)

@@ -15,9 +15,13 @@ the constant H(p_t)). Q is read BEFORE this step's teacher keys enter it.
 
 Views: teacher: random resized crop (area 0.2-1) + flip only (Sec. 4.2,
 Table 4); student: crop 0.2-1, flip, colour distortion of strength 0.5 with
-p=0.8, grayscale p=0.2, Gaussian blur p=0.5 (Sec. 4). With several student
-crops (2x backprop, multi-crop, Sec. 5) each is matched to the same teacher
-relation and the loss is the mean over crops.
+p=0.8, grayscale p=0.2, Gaussian blur p=0.5 (Sec. 4), the blur as MoCo v2
+and the authors' code apply it: PIL's GaussianBlur of radius sigma 0.1-2 px
+on the image (common.RandomPILBlur), not SimCLR's kernel of 10% of the side
+(3 px at 32 px, which barely blurs). With several student crops (2x
+backprop, multi-crop, Sec. 5) each is forwarded on its own (BN statistics per
+crop, as the authors' multi-crop code), matched to the same teacher relation,
+and the loss is the mean over crops.
 
     python ressl.py --data cifar10
     torchrun --nproc_per_node=8 ressl.py --data imagenet --data-dir /datasets/imagenet
@@ -25,9 +29,21 @@ relation and the loss is the mean over crops.
 Deviations from the paper:
 - The paper gives no batch size for CIFAR-size data; B=256 here (Table 5
   runs K=256, so a batch fits the smallest buffer it reports).
-- Projection head without BN: hidden as wide as f's output and 128-d out on
-  CIFAR-size data (MoCo v2's head, which ReSSL builds on, Sec. 4; the paper
-  gives no sizes there); 4096 hidden, 512 out on ImageNet (Sec. 5).
+- Projection head without BN: 2048 hidden, 128-d out on CIFAR-size data
+  (the authors' small-data code; the paper gives no sizes there, and MoCo v2's
+  head, which Sec. 4 builds on, is `--proj-hidden 512`); 4096 hidden, 512 out
+  on ImageNet (Sec. 5).
+- tau_t: 0.05 on CIFAR-10 and STL-10, 0.04 elsewhere, the best value of
+  Table 2 per data set, which is what Table 1 reports (90.20, 63.79, 88.25,
+  46.60); Sec. 5 calls 0.04 "the best setting from Table 2" (`--tau-t 0.04`
+  applies it to every data set).
+- Stem: a 3x3 stride-1 first convolution at 32 and 64 px; the max-pool is
+  removed "for a small dataset" (Sec. 4), the paper's name for CIFAR, so
+  STL-10 and Tiny ImageNet at 64 px keep it, as the authors' small-data code
+  (the rule lives in common.resnet).
+- ImageNet: BN and bias parameters get no weight decay (KyleZheng1997/ReSSL
+  `ressl.py`; the paper is silent): `--no-exclude-bn-bias` decays them too.
+  CIFAR-size data: every parameter is decayed (`--exclude-bn-bias` to change).
 - Multi-crop area scales are not in the paper ("the same as AdCo"): a crop of
   side s gets area (0.2 s/S, s/S) of the image, S = --image-size, as in
   AdCo's and CLSA's code (96 px: 0.086-0.429).
@@ -37,7 +53,6 @@ Deviations from the paper:
 import argparse
 import copy
 import functools
-import itertools
 import os
 import time
 
@@ -52,38 +67,44 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(description="ReSSL pre-training (Zheng et al. 2021)")
     common.add_base_args(parser)
     g = parser.add_argument_group("ReSSL")
-    g.add_argument("--tau-s", type=float, default=0.1, help="tau_s, student temperature, Eq. (4); 0.1 (Table 2)")
-    g.add_argument("--tau-t", type=float, default=0.04,
-                   help="tau_t, teacher temperature, Eq. (3), below tau_s for a sharper target (Sec. 3.2); 0.04 "
-                        "(Table 2, Sec. 5; 0.05 is best on CIFAR-10 and STL-10)")
-    g.add_argument("--ema-momentum", type=float, default=None,
+    g.add_argument("--tau-s", type=common.positive_float, default=0.1, help="tau_s, student temperature, Eq. (4); 0.1 (Table 2)")
+    g.add_argument("--tau-t", type=common.positive_float, default=None,
+                   help="tau_t, teacher temperature, Eq. (3), below tau_s for a sharper target (Sec. 3.2); 0.05 on "
+                        "CIFAR-10 and STL-10, 0.04 elsewhere (the best of Table 2 per data set, as Table 1 reports)")
+    g.add_argument("--ema-momentum", type=common.probability, default=None,
                    help="m, teacher EMA momentum, Eq. (6); 0.99 small, 0.996 STL-10/Tiny ImageNet (Sec. 4), 0.999 ImageNet")
-    g.add_argument("--queue-size", type=int, default=None,
+    g.add_argument("--queue-size", type=common.positive_int, default=None,
                    help="K, memory buffer size, Sec. 3.2; 4096 small, 16384 STL-10/Tiny ImageNet (Sec. 4), "
                         "131072 ImageNet (Sec. 5: 130k)")
-    g.add_argument("--proj-dim", type=int, default=None,
+    g.add_argument("--proj-dim", type=common.positive_int, default=None,
                    help="output size of the head g; 128 small (MoCo v2), 512 ImageNet (Sec. 5)")
-    g.add_argument("--proj-hidden", type=int, default=None,
-                   help="hidden size of the head g; as wide as f's output on small data (MoCo v2), 4096 ImageNet (Sec. 5)")
+    g.add_argument("--proj-hidden", type=common.positive_int, default=None,
+                   help="hidden size of the head g; 2048 small (the authors' small-data code), 4096 ImageNet (Sec. 5)")
     g.add_argument("--teacher-aug", default="weak", choices=("weak", "contrastive"),
                    help="teacher view: weak = crop + flip (Sec. 4.2); contrastive = the student's recipe (Table 3, row 1)")
-    g.add_argument("--student-crops", type=int, nargs="+", default=None,
+    g.add_argument("--student-crops", type=common.positive_int, nargs="+", default=None,
                    help="sides of the student crops: one (1x backprop, default: --image-size), two equal (2x backprop, "
                         "Table 6), or e.g. 224 192 160 128 96 (multi-crop, Table 7)")
-    g.add_argument("--bn-splits", type=int, default=None,
+    g.add_argument("--bn-splits", type=common.positive_int, default=None,
                    help="BN groups per process, shuffle-BN simulated on one GPU (Sec. 4); default 8 in one process "
                         "(MoCo's one-GPU recipe), 1 under torchrun (per-GPU BN, teacher batch shuffled across GPUs)")
+    g.add_argument("--exclude-bn-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="no weight decay on BN and bias parameters; on for ImageNet (KyleZheng1997/ReSSL ressl.py), "
+                        "off on small data")
     args = parser.parse_args(argv)
     if args.data == "stl10" and args.image_size is None:
         args.image_size = 64  # Sec. 4: "medium" data sets are resized to 64x64
     medium = args.data in ("stl10", "tinyimagenet")
     recipes = {  # "small": Sec. 4 (CIFAR-size and "medium" data sets); "large": the ImageNet setting (Sec. 5)
         "small": dict(arch="resnet18", epochs=200, batch_size=256, lr=0.06, weight_decay=5e-4, warmup_epochs=5,
-                      ema_momentum=0.996 if medium else 0.99, queue_size=16384 if medium else 4096, proj_dim=128),
+                      ema_momentum=0.996 if medium else 0.99, queue_size=16384 if medium else 4096, proj_dim=128,
+                      proj_hidden=2048, exclude_bn_bias=False),
         "large": dict(arch="resnet50", epochs=200, batch_size=256, lr=0.05, weight_decay=1e-4, warmup_epochs=5,
-                      ema_momentum=0.999, queue_size=131072, proj_dim=512, proj_hidden=4096),
+                      ema_momentum=0.999, queue_size=131072, proj_dim=512, proj_hidden=4096, exclude_bn_bias=True),
     }
     args = common.finish_args(args, "ressl", recipes)
+    if args.tau_t is None:
+        args.tau_t = 0.05 if args.data in ("cifar10", "stl10") else 0.04  # Table 2's best, used for Table 1
     world = int(os.environ.get("WORLD_SIZE", 1))  # DDP: set by torchrun, as common.setup reads it
     if args.bn_splits is None:
         args.bn_splits = 8 if world == 1 else 1
@@ -109,8 +130,10 @@ class ReSSLViews:
     """[teacher view T_w(x), student crop 1, ..., student crop C] (Algorithm 1)."""
 
     def __init__(self, args):
+        # Colour distortion of strength 0.5: SimCLR's (0.8s, 0.8s, 0.8s, 0.2s). Blur p=0.5 (Sec. 4) as MoCo v2 and
+        # KyleZheng1997/ReSSL data/augmentation.py apply it: PIL radius sigma 0.1-2 px, whatever the image size.
         contrastive = functools.partial(common.view_transform, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2,
-                                        p_blur=0.5)  # colour distortion of strength 0.5: SimCLR's (0.8s, 0.8s, 0.8s, 0.2s)
+                                        p_blur=0.5, blur="pil")
         size = args.image_size
         self.teacher = (common.view_transform(size, scale=(0.2, 1.0)) if args.teacher_aug == "weak"  # Table 4: crop + flip
                         else contrastive(size, scale=(0.2, 1.0)))                                    # Table 3, row 1
@@ -152,19 +175,19 @@ class ReSSL(nn.Module):
             # batch statistics cannot tell it which row is which. The permutation comes from the step.
             x, unshuffle = common.batch_shuffle(x_t, shuffle_seed)
             z_t = common.batch_unshuffle(self.teacher(x), unshuffle)
-        z_s = []
-        for _, group in itertools.groupby(crops, key=lambda x: x.shape[-1]):  # crops of one size in one pass (SwAV)
-            group = list(group)
-            z_s.extend(self.projector(self.backbone(torch.cat(group))).chunk(len(group)))
+        # One pass per student crop, even for crops of the same size (2x backprop): BN statistics per crop, as
+        # the authors' multi-crop code (KyleZheng1997/ReSSL network/ressl_multi.py).
+        z_s = [self.projector(self.backbone(x)) for x in crops]
         return z_t, z_s
 
     @torch.no_grad()
     def update_teacher(self, m):
         """Eq. (6): theta_t <- m theta_t + (1 - m) theta_s for f and g. The teacher's BN running
         statistics are its own (its forward passes), as for MoCo's key encoder."""
-        student = itertools.chain(self.backbone.parameters(), self.projector.parameters())
-        for p_t, p_s in zip(self.teacher.parameters(), student):
-            p_t.mul_(m).add_(p_s.detach(), alpha=1 - m)
+        theta_t = list(self.teacher.parameters())
+        theta_s = [*self.backbone.parameters(), *self.projector.parameters()]
+        torch._foreach_mul_(theta_t, m)  # one fused kernel per op for all tensors, not two per tensor
+        torch._foreach_add_(theta_t, theta_s, alpha=1 - m)
 
     @torch.no_grad()
     def enqueue(self, keys):
@@ -204,7 +227,7 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
     or a stop request). Returns (step, epoch means of loss and z-std, stopped)."""
     model.train()
     net = common.unwrap(model)  # the teacher and Q are updated outside the DDP forward
-    sums, n, stopped = torch.zeros(2, device=ctx.device), 0, False  # loss, z-std: summed on the device
+    sums, n, stopped = torch.zeros(3, device=ctx.device), 0, False  # loss, z-std, skipped steps: summed on the device
     for (x_t, *crops), _ in loader:
         lr = lr_at(step)
         common.set_lr(optimizer, lr)
@@ -216,22 +239,22 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
         loss = torch.stack([relational_loss(z, z_t, net.queue, args.tau_s, args.tau_t) for z in z_s]).mean()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # AMP: scaled only in fp16
-        scaler.step(optimizer)
-        scaler.update()
+        skipped = common.scaler_step(scaler, optimizer)  # AMP: 1 where fp16 skipped a step with overflowing gradients
         net.update_teacher(args.ema_momentum)       # Algorithm 1: after the student's update
         net.enqueue(common.concat_all_gather(z_t))  # DDP: every process enqueues the same global batch of keys
         step += 1
         z_std = common.embedding_std(z_s[0])  # collapse indicator: ~1/sqrt(D) healthy, 0 collapsed
-        sums += torch.stack([loss.detach(), z_std])
+        sums += torch.stack([loss.detach(), z_std, skipped])
         n += 1
         if step % args.log_every == 0 or step == stop_at:
             if ctx.main:  # the only host sync in the loop
                 print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}"), flush=True)
-            stopped = stop.agreed(ctx)  # DDP: every rank stops at the same step
+            # DDP: every rank stops at the same step; a non-finite loss ends the run in one line
+            stopped = stop.agreed(ctx, loss, step, lr, scaler)
         if stopped or step >= stop_at:
             break
-    loss, z_std = (sums / max(n, 1)).tolist()
-    return step, dict(loss=loss, z_std=z_std), stopped
+    loss, z_std, skipped = sums.tolist()
+    return step, dict(loss=loss / max(n, 1), z_std=z_std / max(n, 1), skipped_steps=round(skipped)), stopped
 
 
 def main(argv=None):
@@ -246,7 +269,10 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     ddp_model = common.ddp(model, ctx, sync_bn=False)  # per-GPU BN; shuffle-BN for the teacher (Sec. 4, MoCo)
     base_lr = args.lr * args.batch_size / 256  # Sec. 4: 0.06 x B/256; Sec. 5: 0.05 x B/256
-    student = [p for p in model.parameters() if p.requires_grad]  # the teacher follows Eq. (6) alone
+    # Only the student (requires_grad) is optimised: the teacher follows Eq. (6) alone. ImageNet: BN and bias
+    # parameters (the 1-D tensors) without weight decay, as KyleZheng1997/ReSSL ressl.py.
+    student = (common.param_groups(model, args.weight_decay) if args.exclude_bn_bias
+               else [p for p in model.parameters() if p.requires_grad])
     optimizer = torch.optim.SGD(student, lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)  # Sec. 4
     scaler = ctx.grad_scaler()
     step = common.resume(args, model, optimizer, scaler)

@@ -17,11 +17,25 @@ CIFAR-size data (App. B.9): s=0.5 and no blur.
     python simclr.py --data cifar10
     torchrun --nproc_per_node=8 simclr.py --data imagenet --data-dir /datasets/imagenet
 
-Deviations from the paper:
-- CIFAR-size defaults are the authors' CIFAR-10 command (ResNet-18, B=512,
-  lr 1.0 x B/256, tau 0.5, 1000 epochs); App. B.9 itself trains a ResNet-50.
-- The projection head has no BN (Sec. 2.1 writes g(h) = W2 relu(W1 h)); the
-  authors' TensorFlow code puts BN in the head.
+Deviations from the paper (defaults follow the authors' code, google-research/simclr,
+which produced the reported numbers; the paper's text is one flag away):
+- CIFAR-size defaults are the authors' CIFAR-10 command (README of
+  google-research/simclr: ResNet-18, B=512, lr 1.0 x B/256, weight decay 1e-4,
+  tau 0.5, 1000 epochs, no blur, s=0.5); App. B.9 itself trains a ResNet-50,
+  and the paper's weight decay is 1e-6 (Sec. 4; --weight-decay 1e-6).
+- The projection head has BN after each of its two layers as their code builds
+  it (`projection_head`/`linear_layer` in model_util.py: hidden Linear -> BN ->
+  ReLU, output Linear -> BN with a scale but no shift); --no-head-bn gives Sec.
+  2.1's g(h) = W2 relu(W1 h) literally. Two layers as in the paper; their later
+  (SimCLRv2) code defaults to three.
+- The loss trained on is their objective.py's loss_a + loss_b: the sum of the
+  two directions, i.e. 2x Eq. (1)'s mean over the 2N views (--loss-scale sum).
+  Under LARS this is not a 2x lr: the trust ratio normalises the adapted
+  weights' step (only the gradient's balance against weight decay shifts),
+  while BN and bias parameters (not adapted) move twice as far. --loss-scale
+  mean trains on Eq. (1) as printed. nt_xent_loss itself is always the mean.
+- --lr-scaling sqrt without --lr uses App. B.1's base 0.075 (0.075 x sqrt(B)),
+  not the linear rule's base.
 """
 import argparse
 import functools
@@ -40,21 +54,30 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(description="SimCLR pre-training (Chen et al. 2020)")
     common.add_base_args(parser)
     g = parser.add_argument_group("SimCLR")
-    g.add_argument("--tau", type=float, default=None,
+    g.add_argument("--tau", type=common.positive_float, default=None,
                    help="tau, NT-Xent temperature, Eq. (1); 0.5 CIFAR (App. B.9), 0.1 ImageNet (Sec. 5.1)")
-    g.add_argument("--proj-dim", type=int, default=128, help="output size of the head g, Sec. 2.1; 128")
-    g.add_argument("--color-strength", type=float, default=None,
+    g.add_argument("--proj-dim", type=common.positive_int, default=128, help="output size of the head g, Sec. 2.1; 128")
+    g.add_argument("--color-strength", type=common.nonneg_float, default=None,
                    help="s, colour distortion strength, App. A; 0.5 CIFAR (App. B.9), 1.0 ImageNet")
-    g.add_argument("--blur", type=float, default=None,
+    g.add_argument("--blur", type=common.probability, default=None,
                    help="probability of Gaussian blur, App. A; 0 CIFAR (App. B.9), 0.5 ImageNet")
     g.add_argument("--lr-scaling", default="linear", choices=("linear", "sqrt"),
-                   help="lr = base x B/256 (linear, Sec. 4) or base x sqrt(B) (sqrt, App. B.1: use --lr 0.075)")
+                   help="lr = base x B/256 (linear, Sec. 4) or base x sqrt(B) (sqrt, App. B.1; base 0.075 "
+                        "unless --lr is given)")
+    g.add_argument("--head-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="BN after each layer of the head g, as the authors' code (model_util.py) builds it; "
+                        "default on; --no-head-bn: Sec. 2.1's g(h) = W2 relu(W1 h)")
+    g.add_argument("--loss-scale", default="sum", choices=("sum", "mean"),
+                   help="sum: loss_a + loss_b over the two directions, the authors' objective.py (default); "
+                        "mean: Eq. (1)'s mean over the 2N views (half of it)")
     args = parser.parse_args(argv)
-    recipes = {  # "small": the authors' CIFAR-10 command; "large": the paper's ImageNet setting (Sec. 4)
-        "small": dict(arch="resnet18", epochs=1000, batch_size=512, lr=1.0, weight_decay=1e-6, warmup_epochs=10,
-                      tau=0.5, color_strength=0.5, blur=0.0),
+    if args.lr is None and args.lr_scaling == "sqrt":
+        args.lr = 0.075  # App. B.1: "learning rate = 0.075 x sqrt(BatchSize)"
+    recipes = {  # "small": the authors' CIFAR-10 command (their README); "large": the paper's ImageNet setting (Sec. 4)
+        "small": dict(arch="resnet18", epochs=1000, batch_size=512, lr=1.0, weight_decay=1e-4, warmup_epochs=10,
+                      tau=0.5, color_strength=0.5, blur=0.0, head_bn=True),
         "large": dict(arch="resnet50", epochs=100, batch_size=4096, lr=0.3, weight_decay=1e-6, warmup_epochs=10,
-                      tau=0.1, color_strength=1.0, blur=0.5),
+                      tau=0.1, color_strength=1.0, blur=0.5, head_bn=True),
     }
     return common.finish_args(args, "simclr", recipes)
 
@@ -80,11 +103,16 @@ class SimCLRViews:
 # ---------------------------------------------------------------------------
 
 class SimCLR(nn.Module):
-    def __init__(self, arch, image_size, proj_dim):
+    def __init__(self, arch, image_size, proj_dim, head_bn=True):
         super().__init__()
         self.backbone, dim = common.resnet(arch, image_size)   # f: [B, 3, S, S] -> h [B, dim]
-        self.projector = nn.Sequential(                       # g: z = W2 relu(W1 h), hidden as wide as h
-            nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
+        if head_bn:  # the authors' head: Linear -> BN -> ReLU -> Linear -> BN (no shift), biases folded into BN
+            self.projector = nn.Sequential(
+                nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
+                nn.Linear(dim, proj_dim, bias=False), nn.BatchNorm1d(proj_dim))
+            self.projector[-1].bias.requires_grad_(False)      # center=False in their code: beta stays 0
+        else:        # Sec. 2.1: z = W2 relu(W1 h), hidden as wide as h
+            self.projector = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
 
     def forward(self, x1, x2):
         # Both views in one pass, so BN normalises over all 2N views (as the
@@ -107,7 +135,7 @@ def nt_xent_loss(z1, z2, tau):
     logits = z @ z.T / tau                                          # [2N, 2N], s_ik / tau
     self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(self_mask, float("-inf"))           # 1[k != i]: drop self-similarity
-    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    positive = torch.arange(2 * n, device=z.device).roll(n)          # view i's positive: i + N mod 2N
     return F.cross_entropy(logits, positive)                        # mean of l(i, j) over 2N views
 
 
@@ -119,7 +147,7 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
     """Trains from optimizer step `step` to the end of the epoch (or stop_at,
     or a stop request). Returns (step, epoch means of loss and z-std, stopped)."""
     model.train()
-    sums, n, stopped = torch.zeros(2, device=ctx.device), 0, False  # loss, z-std: summed on the device
+    sums, n, stopped = torch.zeros(3, device=ctx.device), 0, False  # loss, z-std, skipped steps: summed on the device
     for (x1, x2), _ in loader:
         lr = lr_at(step)
         common.set_lr(optimizer, lr)
@@ -131,22 +159,24 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
         # the graph, so the negatives from other GPUs also send gradient back.
         z1, z2 = common.gather_with_grad(z1), common.gather_with_grad(z2)
         loss = nt_xent_loss(z1, z2, args.tau)
+        if args.loss_scale == "sum":
+            loss = 2 * loss  # objective.py: loss_a + loss_b, each a mean over N anchors
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # AMP: scaled only in fp16
-        scaler.step(optimizer)
-        scaler.update()
+        skipped = common.scaler_step(scaler, optimizer)  # AMP: 1 where fp16 skipped a step with overflowing gradients
         step += 1
         z_std = common.embedding_std(z1)  # collapse indicator: ~1/sqrt(D) healthy, 0 collapsed
-        sums += torch.stack([loss.detach(), z_std])
+        sums += torch.stack([loss.detach(), z_std, skipped])
         n += 1
         if step % args.log_every == 0 or step == stop_at:
             if ctx.main:  # the only host sync in the loop
                 print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}"), flush=True)
-            stopped = stop.agreed(ctx)  # DDP: every rank stops at the same step
+            # DDP: every rank stops at the same step; a non-finite loss ends the run in one line
+            stopped = stop.agreed(ctx, loss, step, lr, scaler)
         if stopped or step >= stop_at:
             break
-    loss, z_std = (sums / max(n, 1)).tolist()
-    return step, dict(loss=loss, z_std=z_std), stopped
+    loss, z_std, skipped = sums.tolist()
+    return step, dict(loss=loss / max(n, 1), z_std=z_std / max(n, 1), skipped_steps=round(skipped)), stopped
 
 
 def main(argv=None):
@@ -155,7 +185,7 @@ def main(argv=None):
     pretrain_set, train_set, test_set = common.load_data(args, ctx)
     loader, sampler = common.train_loader(pretrain_set, SimCLRViews(args), args.batch_size, args.workers, args.seed, ctx)
 
-    model = SimCLR(args.arch, args.image_size, args.proj_dim).to(ctx.device)
+    model = SimCLR(args.arch, args.image_size, args.proj_dim, args.head_bn).to(ctx.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = common.ddp(model, ctx)  # SyncBN on GPUs: global BN (Sec. 3)

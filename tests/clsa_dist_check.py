@@ -5,8 +5,9 @@ OUT.rank<r> for tests/test_clsa.py to compare across ranks and with one process.
 
 A small CLSA model (per-process BN, as under torchrun) wrapped with common.ddp
 takes STEPS training steps on its half of a fixed global batch; each step
-records the keys, the queue before and after, the pointer, and the key and
-query encoder parameters around the last step's momentum update.
+records the gathered keys (the bank's batch part), the queue before and after,
+the pointer and this rank's loss; also the key and query encoder parameters
+around the last step's momentum update and the query encoder after step 1.
 The builders below are imported by the test for the one-process computation.
 """
 import argparse
@@ -45,16 +46,19 @@ def main():
     wrapped = common.ddp(model, ctx, sync_bn=False)
     optimizer = torch.optim.SGD(model.query_parameters(), lr=0.5, momentum=0.9)
     xk, xq, xs = global_batch()
-    result = dict(rank=ctx.rank, world=ctx.world, keys=[], queue_before=[], queues=[], ptr=[])
+    result = dict(rank=ctx.rank, world=ctx.world, keys=[], queue_before=[], queues=[], ptr=[], loss=[])
     for step in range(STEPS):
         result["key_params_before"] = [p.detach().clone() for p in model.key_parameters()]
         result["query_params_before"] = [p.detach().clone() for p in model.query_parameters()]
         qs, k, queue = wrapped(xk[mine], [xq[mine], xs[mine]], step)
         result["key_params"] = [p.detach().clone() for p in model.key_parameters()]
-        loss = clsa.clsa_objective(qs, k, queue, TAU)
+        loss = clsa.clsa_objective(qs[:1], qs[1:], k, queue, TAU, offset=ctx.rank * n)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        result["loss"].append(loss.detach().clone())
+        if step == 0:
+            result["query_params_after_step_1"] = [p.detach().clone() for p in model.query_parameters()]
         result["keys"].append(k.clone())
         result["queue_before"].append(queue.clone())
         result["queues"].append(model.queue.clone())

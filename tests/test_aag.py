@@ -344,7 +344,7 @@ def test_model_heads_and_shapes():
 class NoStop:
     """StopSignal's interface without installing signal handlers in the test process."""
 
-    def agreed(self, ctx):
+    def agreed(self, ctx, *loss_step_lr_scaler):
         return False
 
 
@@ -522,7 +522,7 @@ def test_aag_learns_on_cifar10(cifar10_dir, tmp_path):
     under half the measured gain."""
     data = ["--data", "cifar10", "--data-dir", cifar10_dir, "--no-download", "--subset", "2048", "--workers", "2"]
     run(["aag.py", *data, "--arch", "resnet_small", "--batch-size", "64", "--epochs", "2", "--knn-every", "2",
-         "--log-every", "32", "--out", str(tmp_path)], timeout=1200)
+         "--knn-features", "backbone", "--log-every", "32", "--out", str(tmp_path)], timeout=1200)  # h, as the baseline
     trained = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][-1]["knn_top1"]
     random_init = random_init_knn(cifar10_dir, 2048)
     print(f"kNN top-1 on CIFAR-10: random init {random_init:.2f}%, after 64 AAG steps {trained:.2f}%")

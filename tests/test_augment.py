@@ -1,8 +1,6 @@
 """View recipes and augmentations (SPEC 3.1, 3.3, 3.5 and 4): SimCLR's views,
-normalisation, the evaluation transform, seeded views, the jigsaw, CLSA's
-stronger augmentation and the AutoAugment / RandAugment wrappers."""
-import math
-
+normalisation, the evaluation transform, seeded views, the jigsaw and the
+AutoAugment / RandAugment wrappers (CLSA's stronger augmentation: tests/test_clsa.py)."""
 import numpy as np
 import pytest
 import torch
@@ -229,122 +227,6 @@ def test_jigsaw_keeps_grayscale_mode():
     out = common.Jigsaw(4)(img)
     assert out.mode == "L" and out.size == (16, 16)
     assert sorted(np.asarray(out).ravel()) == sorted(np.asarray(img).ravel())
-
-
-# ---------------------------------------------------------------------------
-# CLSA's stronger augmentation (SPEC 3.3, CLSA Table 1)
-# ---------------------------------------------------------------------------
-
-TABLE1 = {
-    "ShearX": (-0.3, 0.3), "ShearY": (-0.3, 0.3), "TranslateX": (-0.3, 0.3), "TranslateY": (-0.3, 0.3),
-    "Rotate": (-30, 30), "AutoContrast": None, "Invert": None, "Equalize": None, "Solarize": (0, 256),
-    "Posterize": (4, 8), "Contrast": (0.05, 0.95), "Color": (0.05, 0.95), "Brightness": (0.05, 0.95),
-    "Sharpness": (0.05, 0.95),
-}
-
-
-def test_strong_augment_defaults_and_draw_count(monkeypatch):
-    """StrongAugment() makes 5 draws with p=0.5: with p forced to 1 every
-    sample has exactly 5 ops, with p=0 none, and sample() makes one op
-    choice (torch.randint over the 14 ops) per draw."""
-    sa = common.StrongAugment()
-    assert sa.draws == 5 and sa.p == 0.5
-    torch.manual_seed(0)
-    sa.p = 1.0
-    assert all(len(sa.sample()) == 5 for _ in range(50))
-    sa.p = 0.0
-    assert all(sa.sample() == [] for _ in range(20))
-
-    calls, real = [], torch.randint
-
-    def counting(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "randint", counting)
-    sa = common.StrongAugment()
-    torch.manual_seed(1)
-    for _ in range(20):
-        calls.clear()
-        sa.sample()
-        assert sum(1 for a in calls if a and a[0] == 14) == 5
-
-
-def test_strong_augment_mean_ops_is_binomial():
-    """With p=0.5 the number of applied ops is Binomial(5, 0.5): over 4000
-    samples its mean is 2.5 within 5 standard errors (sqrt(1.25/4000) = 0.018)
-    and its variance about 1.25."""
-    torch.manual_seed(0)
-    sa = common.StrongAugment()
-    counts = np.array([len(sa.sample()) for _ in range(4000)])
-    se = math.sqrt(1.25 / len(counts))
-    assert abs(counts.mean() - 2.5) < 5 * se
-    assert 1.0 < counts.var() < 1.5
-    assert counts.min() == 0 and counts.max() == 5
-
-
-def test_strong_augment_ops_and_magnitudes_follow_table1():
-    """Every sampled op is one of CLSA Table 1's 14, every magnitude lies in
-    its range (Posterize an integer 4..8, None for AutoContrast, Invert and
-    Equalize), all 14 ops are chosen about uniformly, and magnitudes spread
-    over their range."""
-    assert set(common.StrongAugment.OPS) == set(TABLE1)
-    torch.manual_seed(0)
-    sa = common.StrongAugment(p=1.0)
-    seen = {}
-    for _ in range(1400):
-        for name, v in sa.sample():
-            assert name in TABLE1
-            seen.setdefault(name, []).append(v)
-    assert set(seen) == set(TABLE1)
-    total = sum(len(v) for v in seen.values())
-    assert total == 7000
-    for name, values in seen.items():
-        assert abs(len(values) - total / 14) < 5 * math.sqrt(total / 14)  # uniform choice
-        span = TABLE1[name]
-        if span is None:
-            assert all(v is None for v in values)
-        elif name == "Posterize":
-            assert all(isinstance(v, int) for v in values)
-            assert set(values) == {4, 5, 6, 7, 8}
-        else:
-            lo, hi = span
-            assert all(lo <= v <= hi for v in values)
-            width = hi - lo
-            assert min(values) < lo + 0.1 * width and max(values) > hi - 0.1 * width
-
-
-@pytest.mark.parametrize("name", sorted(TABLE1))
-def test_strong_augment_each_op_runs(name):
-    """Each of the 14 ops maps a PIL RGB image to a PIL image of the same
-    size and mode at the ends and middle of its magnitude range."""
-    img = noise_image(40, 30)
-    fn, span = common.StrongAugment.OPS[name]
-    values = [None] if span is None else ([4, 6, 8] if name == "Posterize" else [span[0], (span[0] + span[1]) / 2, span[1]])
-    for v in values:
-        out = fn(img, v)
-        assert isinstance(out, Image.Image)
-        assert out.size == img.size and out.mode == "RGB"
-
-
-def test_strong_augment_op_effects():
-    """Spot checks of what the ops do: Invert is 255 - x, Solarize at 256 is
-    the identity and at 0 inverts everything, Posterize 8 is the identity,
-    Brightness 0.5 halves the pixels, Rotate 0 is the identity, and calling
-    StrongAugment returns an image of the input size."""
-    img = noise_image(24, 24)
-    x = np.asarray(img).astype(int)
-    ops = common.StrongAugment.OPS
-    assert np.array_equal(np.asarray(ops["Invert"][0](img, None)), 255 - x)
-    assert np.array_equal(np.asarray(ops["Solarize"][0](img, 256.0)), x)
-    assert np.array_equal(np.asarray(ops["Solarize"][0](img, 0.0)), 255 - x)
-    assert np.array_equal(np.asarray(ops["Posterize"][0](img, 8)), x)
-    assert np.abs(np.asarray(ops["Brightness"][0](img, 0.5)).astype(int) - x * 0.5).max() <= 1
-    assert np.array_equal(np.asarray(ops["Rotate"][0](img, 0.0)), x)
-    assert not np.array_equal(np.asarray(ops["ShearX"][0](img, 0.3)), x)
-    torch.manual_seed(0)
-    out = common.StrongAugment(p=1.0)(img)
-    assert isinstance(out, Image.Image) and out.size == img.size
 
 
 # ---------------------------------------------------------------------------

@@ -45,12 +45,12 @@ FAMILIES = {"alpha": [(0, 1), (1, 0)],   # V_T: SV <-> SV
 
 
 def eq6_ref(p, z, weights):
-    """sum over the families of weight * sum of D over its pairs, over 4 (SPEC 2.1)."""
+    """sum over the families of weight * sum of D over its pairs, each pair term at 1/2 (SPEC 2.1)."""
     total = 0.0
     for weight, pairs in zip(weights, FAMILIES.values()):
         for a, b in pairs:
-            total = total + weight * D_ref(p[a], z[b])
-    return total / 4
+            total = total + weight * D_ref(p[a], z[b]) / 2
+    return total
 
 
 def nt_xent_ref(z1, z2, tau):
@@ -138,7 +138,7 @@ WEIGHT_CASES = [(1, 0, 1, 0), (1, 1, 1, 1), (0.3, 0.7, 1.5, 0.2), (0, 1, 0, 0), 
 @pytest.mark.parametrize("weights", WEIGHT_CASES)
 def test_dssl_loss_matches_eq6_reference(weights):
     """For any (alpha, beta, gamma, delta) the loss equals the pair-by-pair reading of
-    Eq. (6) over 4, in value and in the gradients of the four predictions; none of
+    Eq. (6), each pair at 1/2, in value and in the gradients of the four predictions; none of
     the four targets receives gradient."""
     p, z = leaves(5, 4, 4, seed=1), leaves(5, 4, 4, seed=2)
     loss = dssl.dssl_loss(p[0], p[1], z[0], z[1], p[2], p[3], z[2], z[3], weights=weights)
@@ -157,26 +157,61 @@ def test_dssl_loss_matches_eq6_reference(weights):
             torch.testing.assert_close(g.double(), t.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_default_weights_are_algorithm_1_term_by_term():
-    """The defaults give exactly Algorithm 1: with y, y', y^ = f(.) and z = g(y) its
-    L = D(z, y')/4 + D(z', y)/4 + D(z^, y)/4 + D(z^', y')/4; the heavy views' own
+def test_default_weights_are_algorithm_1_term_by_term_at_the_authors_scale():
+    """weights 1 0 1 0 give Algorithm 1's four terms, each at 1/2 as the authors' code
+    weighs them (Algorithm 1 prints 1/4): with y, y', y^ = f(.) and z = g(y),
+    L = D(z, y')/2 + D(z', y)/2 + D(z^, y)/2 + D(z^', y')/2; the heavy views' own
     targets are not needed (and do not change the result)."""
     z, z_, zh, zh_ = leaves(6, 8, 4, seed=5)     # Algorithm 1's z: predictions
     y, y_, yh, yh_ = leaves(6, 8, 4, seed=6)     # Algorithm 1's y: targets
     algorithm_1 = D_ref(z, y_) / 4 + D_ref(z_, y) / 4 + D_ref(zh, y) / 4 + D_ref(zh_, y_) / 4
-    without = dssl.dssl_loss(z, z_, y, y_, zh, zh_)
-    with_heavy_targets = dssl.dssl_loss(z, z_, y, y_, zh, zh_, yh, yh_)
-    assert without.item() == pytest.approx(algorithm_1.item(), rel=1e-6)
+    without = dssl.dssl_loss(z, z_, y, y_, zh, zh_, weights=(1, 0, 1, 0))
+    with_heavy_targets = dssl.dssl_loss(z, z_, y, y_, zh, zh_, yh, yh_, weights=(1, 0, 1, 0))
+    assert without.item() == pytest.approx(2 * algorithm_1.item(), rel=1e-6)
     assert with_heavy_targets.item() == without.item()
 
 
+def test_heavy_off_scale_equals_simsiam_and_the_standard_pair_keeps_its_rate():
+    """alpha alone is SimSiam's symmetric loss D(p1,z2)/2 + D(p2,z1)/2, the --heavy off
+    loss; so the standard pair's gradient in a DSSL run equals the baseline's."""
+    p, z = leaves(5, 6, 4, seed=21), leaves(5, 6, 4, seed=22)
+    simsiam = (D_ref(p[0], z[1]) + D_ref(p[1], z[0])) / 2
+    off = dssl.get_args(["--data", "synthetic", "--heavy", "off"])
+    assert dssl.dssl_loss(*p[:2], *z[:2], *p[2:], weights=(1, 0, 0, 0)).item() == pytest.approx(simsiam.item(), rel=1e-6)
+    assert dssl.training_loss(p[:2], z[:2], off).item() == pytest.approx(simsiam.item(), rel=1e-6)
+    dssl.dssl_loss(*p[:2], *z[:2], *p[2:], *z[2:], weights=(1, 0, 0.9, 0.1)).backward()
+    g_dssl = p[0].grad.clone() - 0.1 * torch.autograd.grad(D_ref(p[0], z[2]) / 2, p[0])[0]
+    zero_grads(p)
+    simsiam = (D_ref(p[0], z[1]) + D_ref(p[1], z[0])) / 2
+    simsiam.backward()
+    torch.testing.assert_close(g_dssl, p[0].grad, rtol=1e-5, atol=1e-8)
+
+
+def test_cifar_soft_loss_is_the_authors_formula():
+    """The CIFAR default 1 0 0.9 0.1: D(p1,z2)/2 + D(p2,z1)/2 + 0.9 [D(ph1,z1)/2 + D(ph2,z2)/2]
+    + 0.1 [D(p1,zh1)/2 + D(p2,zh2)/2] (one_way and reverse terms, soft_loss_rate 0.1)."""
+    p, z = leaves(4, 5, 4, seed=23), leaves(4, 5, 4, seed=24)
+    ref = (D_ref(p[0], z[1]) / 2 + D_ref(p[1], z[0]) / 2 + 0.9 * (D_ref(p[2], z[0]) / 2 + D_ref(p[3], z[1]) / 2)
+           + 0.1 * (D_ref(p[0], z[2]) / 2 + D_ref(p[1], z[3]) / 2))
+    args = dssl.get_args(["--data", "synthetic"])
+    assert args.weights == [1.0, 0.0, 0.9, 0.1]
+    assert dssl.training_loss(p, z, args).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
 def test_naive_weights_pair_every_view():
-    """--weights 1 1 1 1 (the 'w/ T^' row): the mean of all eight directed pairs,
-    heavy-heavy and standard-to-heavy included."""
+    """--weights 1 1 1 1: all eight directed pairs at 1/2; --naive (Table 2's 'w/ T^' as read
+    here) is the framework's own symmetric loss on the standard pair plus the heavy pair."""
     p, z = leaves(4, 3, 4, seed=8), leaves(4, 3, 4, seed=9)
     every = [(0, 1), (1, 0), (2, 3), (3, 2), (2, 0), (3, 1), (0, 2), (1, 3)]
-    ref = sum(D_ref(p[a], z[b]) for a, b in every) / 4
+    ref = sum(D_ref(p[a], z[b]) for a, b in every) / 2
     assert dssl.dssl_loss(*p[:2], *z[:2], *p[2:], *z[2:], weights=(1, 1, 1, 1)).item() == pytest.approx(ref.item(), rel=1e-6)
+    naive = dssl.get_args(["--data", "synthetic", "--naive"])
+    assert naive.weights == [1.0, 1.0, 0.0, 0.0]
+    two_pairs = (D_ref(p[0], z[1]) + D_ref(p[1], z[0])) / 2 + (D_ref(p[2], z[3]) + D_ref(p[3], z[2])) / 2
+    assert dssl.training_loss(p, z, naive).item() == pytest.approx(two_pairs.item(), rel=1e-6, abs=1e-6)
+    naive.framework = "simclr"
+    assert dssl.training_loss(z, z, naive).item() == pytest.approx(
+        (nt_xent_ref(z[0], z[1], 0.5) + nt_xent_ref(z[2], z[3], 0.5)).item(), rel=1e-6)
 
 
 def test_dssl_loss_needs_heavy_targets_for_beta_and_delta():
@@ -316,8 +351,8 @@ def test_heavy_augment_is_randaugment_or_jigsaw_with_p():
     """T^ = RA(n, m) with probability 0.9, otherwise Jigsaw(4) (App. A.2): exactly one of
     the two per heavy view, the jigsaw about 10% of the time; the flags reach the ops."""
     heavy = dssl.HeavyAugment(2, 5, 4, p_jigsaw=0.1)
-    assert isinstance(heavy.randaugment, T.RandAugment)
-    assert heavy.randaugment.num_ops == 2 and heavy.randaugment.magnitude == 5 and heavy.jigsaw.grid == 4
+    assert isinstance(heavy.randaugment, dssl.HeavyRandAugment)
+    assert heavy.randaugment.n == 2 and heavy.randaugment.m == 5 and heavy.jigsaw.grid == 4
     calls = []
     heavy.randaugment, heavy.jigsaw = (lambda img: calls.append("ra") or img), (lambda img: calls.append("jig") or img)
     torch.manual_seed(0)
@@ -326,12 +361,115 @@ def test_heavy_augment_is_randaugment_or_jigsaw_with_p():
     assert len(calls) == 3000
     assert 0.085 < calls.count("jig") / 3000 < 0.115
     custom = make_views("--ra-n", "3", "--ra-m", "9", "--jigsaw-grid", "2", "--p-jigsaw", "0.3").heavy
-    assert (custom.randaugment.num_ops, custom.randaugment.magnitude, custom.jigsaw.grid, custom.p_jigsaw) == (3, 9, 2, 0.3)
+    assert (custom.randaugment.n, custom.randaugment.m, custom.jigsaw.grid, custom.p_jigsaw) == (3, 9, 2, 0.3)
+    assert make_views().heavy.p_jigsaw == 0.0  # CIFAR-size default: RandAugment on every heavy view
+
+
+# The authors' table (rand_aug_custom.py augment_list): name -> (low, high, random sign).
+AUTHORS_TABLE = {"AutoContrast": (0, 1, False), "Equalize": (0, 1, False), "Invert": (0, 1, False),
+                 "Rotate": (0, 30, True), "Posterize": (0, 4, False), "Solarize": (0, 256, False),
+                 "SolarizeAdd": (0, 110, False), "Color": (0.1, 1.9, False), "Contrast": (0.1, 1.9, False),
+                 "Brightness": (0.1, 1.9, False), "Sharpness": (0.1, 1.9, False), "ShearX": (0, 0.3, True),
+                 "ShearY": (0, 0.3, True), "CutoutAbs": (0, 40, False), "TranslateX": (0, 100, True),
+                 "TranslateY": (0, 100, True)}
+
+
+def one_op(name, m=5):
+    """HeavyRandAugment(1, m) restricted to one op of its table."""
+    ra = dssl.HeavyRandAugment(1, m)
+    ra.OPS = {name: dssl.HeavyRandAugment.OPS[name]}
+    return ra
+
+
+def test_heavy_randaugment_table_is_the_authors():
+    assert {k: v[1:] for k, v in dssl.HeavyRandAugment.OPS.items()} == AUTHORS_TABLE
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_heavy_randaugment_applies_exactly_n_ops_with_replacement_at_fixed_magnitude(n):
+    """RA(n, m) calls n ops (drawn with replacement, uniformly), each at low + (high-low) m/30,
+    a random sign only on the geometric ops."""
+    calls = []
+    ra = dssl.HeavyRandAugment(n, 9)
+    ra.OPS = {k: ((lambda name: lambda img, v: calls.append((name, v)) or img)(k), lo, hi, sg)
+              for k, (lo, hi, sg) in AUTHORS_TABLE.items()}
+    torch.manual_seed(0)
+    for _ in range(400):
+        before = len(calls)
+        ra(None)
+        assert len(calls) == before + n
+    counts = {k: sum(c[0] == k for c in calls) for k in AUTHORS_TABLE}
+    assert min(counts.values()) > 0.5 * 400 * n / 16  # every op drawn, about uniformly
+    for name, v in calls:
+        lo, hi, signed = AUTHORS_TABLE[name]
+        magnitude = lo + (hi - lo) * 9 / 30
+        assert abs(v) == pytest.approx(magnitude) and (v > 0 or signed)
+    assert any(v < 0 for name, v in calls if name == "Rotate") and any(v > 0 for name, v in calls if name == "Rotate")
+    if n > 1:  # with replacement: the same op twice in one call happens
+        assert any(calls[i][0] == calls[i + 1][0] for i in range(0, len(calls) - 1, n))
+
+
+def test_posterize_at_m5_keeps_at_most_two_grey_levels():
+    """Posterize 0-4 at m=5 is 0.67 bits, floored at 1: at most 2 levels per channel."""
+    torch.manual_seed(0)
+    out = np.asarray(one_op("Posterize")(noise_image(1)))
+    assert all(len(np.unique(out[..., c])) <= 2 for c in range(3))
+
+
+def test_translate_at_m5_moves_content_17_pixels_either_way():
+    """TranslateX/Y 0-100 px at m=5: 16.7 px, i.e. a 17 px move on the pixel grid, left or right."""
+    img = Image.fromarray(np.pad(np.full((1, 1, 3), 255, np.uint8), ((24, 23), (24, 23), (0, 0))))  # 48 px, lit at (24, 24)
+    moved = set()
+    torch.manual_seed(0)
+    for _ in range(20):
+        for name in ("TranslateX", "TranslateY"):
+            lit = np.argwhere(np.asarray(one_op(name)(img))[..., 0] > 127)
+            assert len(lit) <= 1
+            if len(lit):
+                moved.add((name, int(lit[0][1]) - 24, int(lit[0][0]) - 24))
+    assert moved == {("TranslateX", 17, 0), ("TranslateX", -17, 0), ("TranslateY", 0, 17), ("TranslateY", 0, -17)}
+
+
+def test_cutout_at_m5_paints_a_7_pixel_square_of_the_authors_grey():
+    """CutoutAbs 0-40 px at m=5: a 6.7 (7) px square of (125, 123, 114)."""
+    black = Image.new("RGB", (32, 32))
+    torch.manual_seed(3)
+    for _ in range(10):
+        painted = (np.asarray(one_op("CutoutAbs")(black)) == (125, 123, 114)).all(-1)
+        rows, cols = np.nonzero(painted)
+        h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert painted.sum() == h * w and h <= 7 and w <= 7
+        interior = 3 <= rows.min() and rows.max() < 28 and 3 <= cols.min() and cols.max() < 28
+        assert (h, w) == (7, 7) or not interior
+
+
+def test_heavy_views_on_cifar10_are_far_from_their_sources(cifar10_dir):
+    """On 400 real CIFAR-10 test images, mean |heavy - standard| (0-255 units) of the authors'
+    RA(2, 5) is far above torchvision's RA(2, 5). Measured: 66.8 against 24.2 (seed 0)."""
+    ds = common.dataset("cifar10", cifar10_dir, train=False, download=False)
+    standard = dssl.DSSLViews(dssl.get_args(["--data", "cifar10", "--heavy", "off"])).t
+
+    def distance(heavy):
+        torch.manual_seed(0)
+        total = 0.0
+        for i in range(400):
+            v = standard(ds[i][0])
+            total += np.abs(np.asarray(heavy(v)).astype(float) - np.asarray(v).astype(float)).mean()
+        return total / 400
+
+    ours, torchvision_ra = distance(dssl.HeavyRandAugment(2, 5)), distance(T.RandAugment(2, 5))
+    print(f"mean |heavy - standard| on 400 CIFAR-10 test images: RA(2, 5) as the authors {ours:.1f}, "
+          f"torchvision RA(2, 5) {torchvision_ra:.1f}")
+    assert ours > 2 * torchvision_ra and ours > 40
 
 
 def test_standard_views_follow_appendix_a1():
-    """Crop area 0.2-1, flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale p=0.2, blur p=0.5."""
-    ops = make_views().t.transforms
+    """Crop area 0.2-1, flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale p=0.2; no blur
+    on CIFAR-size data (the authors' CIFAR pipeline), MoCo v2's PIL blur p=0.5 on ImageNet;
+    SimCLR: crop 0.08-1 and SimCLR's own blur kernel."""
+    assert not any(isinstance(o, T.RandomApply) and not isinstance(o.transforms[0], T.ColorJitter)
+                   for o in make_views().t.transforms)
+    ops = make_views("--blur", "0.5").t.transforms
     crop = next(o for o in ops if isinstance(o, T.RandomResizedCrop))
     assert crop.scale == (0.2, 1.0) and crop.size == (32, 32)
     assert any(isinstance(o, T.RandomHorizontalFlip) for o in ops)
@@ -341,8 +479,13 @@ def test_standard_views_follow_appendix_a1():
     assert jitter.p == 0.8 and cj.brightness == (0.6, 1.4) and cj.contrast == (0.6, 1.4)
     assert cj.saturation == (0.6, 1.4) and cj.hue == (-0.1, 0.1)
     assert next(o for o in ops if isinstance(o, T.RandomGrayscale)).p == 0.2
-    blur = next(a for a in applies if isinstance(a.transforms[0], T.GaussianBlur))
+    blur = next(a for a in applies if isinstance(a.transforms[0], common.RandomPILBlur))
     assert blur.p == 0.5 and blur.transforms[0].sigma == (0.1, 2.0)
+    imagenet = dssl.DSSLViews(dssl.get_args(["--data", "imagenet"])).t.transforms
+    assert any(isinstance(o, T.RandomApply) and isinstance(o.transforms[0], common.RandomPILBlur) and o.p == 0.5
+               for o in imagenet)
+    simclr = make_views("--framework", "simclr").t.transforms
+    assert next(o for o in simclr if isinstance(o, T.RandomResizedCrop)).scale == (0.08, 1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -368,6 +511,9 @@ def test_heads_are_the_frameworks_heads():
     assert linear_shapes(byol.predictor) == [(256, 4096), (4096, 256)]
     simclr = dssl.DSSL("simclr", "resnet18", 32)
     assert linear_shapes(simclr.projector) == [(512, 512), (512, 128)] and simclr.predictor is None
+    assert [type(m) for m in simclr.projector] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
+    assert all(m.bias is None for m in simclr.projector if isinstance(m, nn.Linear))
+    assert not simclr.projector[-1].bias.requires_grad and simclr.projector[-1].weight.requires_grad
 
 
 def four_views(seed=0, n=6, side=16):
@@ -431,6 +577,21 @@ def test_byol_ema_update_formula():
     assert all(torch.equal(a, o) for a, o in zip(after, online))
 
 
+def test_byol_foreach_ema_equals_the_per_tensor_loop():
+    """The fused torch._foreach_* update gives, bit for bit, the per-tensor loop t.mul_(m).add_(o, alpha=1-m)."""
+    torch.manual_seed(1)
+    model = dssl.DSSL("byol", "resnet_small", 16)
+    with torch.no_grad():
+        for p in [*model.backbone.parameters(), *model.projector.parameters()]:
+            p.add_(torch.randn_like(p))
+    loop = [t.clone() for t in [*model.target_backbone.parameters(), *model.target_projector.parameters()]]
+    for t, o in zip(loop, [*model.backbone.parameters(), *model.projector.parameters()]):
+        t.mul_(0.99).add_(o.detach(), alpha=1 - 0.99)
+    model.update_target(0.99)
+    fused = [*model.target_backbone.parameters(), *model.target_projector.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(fused, loop))
+
+
 def test_target_momentum_schedules():
     """Constant m; BYOL's cosine 1 - (1 - m)(cos(pi k/K) + 1)/2: m at k=0, 1 at k=K."""
     assert dssl.target_momentum(37, 100, 0.99, "constant") == 0.99
@@ -445,25 +606,35 @@ def test_target_momentum_schedules():
 # ---------------------------------------------------------------------------
 
 def test_defaults_follow_the_recipes():
-    """CIFAR (Sec. 4.2): ResNet-18, B=512, lr 0.03, wd 5e-4, 800 epochs, EMA 0.99 constant,
-    2-layer SimSiam projector, weights 1 0 1 0, RA(2, 5), Jigsaw(4) p=0.1. ImageNet: ResNet-50,
-    B=512, 100 epochs, 3-layer projector, BYOL cosine from 0.996. Explicit flags win."""
+    """CIFAR (the authors' CIFAR trainer): ResNet-18, B=512, lr 0.03, wd 5e-4, 800 epochs,
+    10 warmup epochs, EMA 0.99 constant, 2-layer SimSiam projector, weights 1 0 0.9 0.1, RA(2, 5),
+    no jigsaw, no blur. ImageNet: ResNet-50, B=512, 100 epochs, 3-layer projector, weights
+    1 0 1 0, jigsaw p=0.1, blur 0.5, BYOL EMA 0.99 constant. SimCLR: LARS recipe of
+    simclr-pytorch. Explicit flags win."""
     a = dssl.get_args([])
-    assert (a.framework, a.heavy, a.arch, a.batch_size, a.lr, a.weight_decay, a.epochs) == \
-        ("simsiam", "on", "resnet18", 512, 0.03, 5e-4, 800)
-    assert (a.ema_momentum, a.ema_schedule, a.proj_layers, a.weights, a.tau) == (0.99, "constant", 2, [1.0, 0.0, 1.0, 0.0], 0.5)
-    assert (a.ra_n, a.ra_m, a.jigsaw_grid, a.p_jigsaw, a.blur) == (2, 5, 4, 0.1, 0.5)
+    assert (a.framework, a.heavy, a.arch, a.batch_size, a.lr, a.weight_decay, a.epochs, a.warmup_epochs) == \
+        ("simsiam", "on", "resnet18", 512, 0.03, 5e-4, 800, 10)
+    assert (a.ema_momentum, a.ema_schedule, a.proj_layers, a.weights, a.tau) == (0.99, "constant", 2, [1.0, 0.0, 0.9, 0.1], 0.5)
+    assert (a.ra_n, a.ra_m, a.jigsaw_grid, a.p_jigsaw, a.blur, a.crop_min, a.color_strength) == (2, 5, 4, 0.0, 0.0, 0.2, 0.5)
     assert a.out.endswith("dssl-simsiam-cifar10")
     b = dssl.get_args(["--data", "imagenet", "--framework", "byol"])
     assert (b.arch, b.batch_size, b.epochs, b.lr, b.proj_layers, b.ema_momentum, b.ema_schedule) == \
-        ("resnet50", 512, 100, 0.05, 3, 0.996, "cosine")
+        ("resnet50", 512, 100, 0.05, 3, 0.99, "constant")
+    assert (b.weights, b.p_jigsaw, b.blur) == ([1.0, 0.0, 1.0, 0.0], 0.1, 0.5)
+    s = dssl.get_args(["--framework", "simclr"])
+    assert (s.batch_size, s.lr, s.weight_decay, s.warmup_epochs, s.tau, s.crop_min, s.color_strength, s.blur) == \
+        (512, 1.0, 1e-6, 8.0, 0.5, 0.08, 0.5, 0.0)
+    s = dssl.get_args(["--framework", "simclr", "--data", "imagenet", "--epochs", "200"])
+    assert (s.lr, s.warmup_epochs, s.tau, s.color_strength, s.blur) == (0.3, 20.0, 0.1, 1.0, 0.5)
     c = dssl.get_args(["--heavy", "off", "--framework", "simclr", "--ema-schedule", "cosine"])
     assert c.weights is None and c.ema_schedule == "cosine" and c.out.endswith("dssl-simclr-noheavy-cifar10")
 
 
 @pytest.mark.parametrize("flags", [["--heavy", "off", "--weights", "1", "0", "1", "0"], ["--weights", "1", "-1", "1", "0"],
                                    ["--weights", "0", "0", "0", "0"], ["--weights", "1", "0", "1"], ["--p-jigsaw", "1.5"],
-                                   ["--ra-m", "31"], ["--framework", "moco"], ["--ema-momentum", "2"], ["--jigsaw-grid", "0"]])
+                                   ["--ra-m", "31"], ["--framework", "moco"], ["--ema-momentum", "2"], ["--jigsaw-grid", "0"],
+                                   ["--naive", "--weights", "1", "1", "0", "0"], ["--naive", "--heavy", "off"],
+                                   ["--crop-min", "0"]])
 def test_bad_flags_exit_2_with_one_line(flags, capsys):
     with pytest.raises(SystemExit) as exc:
         dssl.get_args(["--data", "synthetic", *flags])
@@ -524,6 +695,13 @@ def test_end_to_end_outputs(runs, framework):
         assert torch.equal(v, ckpt["model"][f"backbone.{k}"]), k
     if framework == "byol":  # the EMA moved the target, which is not what backbone.pt holds
         assert any(not torch.equal(v, ckpt["model"][f"target_backbone.{k}"]) for k, v in backbone.items())
+    groups = ckpt["optimizer"]["param_groups"]
+    if framework == "simclr":  # LARS at lr 1.0 x B/256 (B=8), decay 1e-6 on the adapted group only
+        assert [(g.get("lars"), g["weight_decay"]) for g in groups] == [(True, 1e-6), (False, 0.0)]
+    else:
+        assert all("lars" not in g for g in groups) and groups[0]["weight_decay"] == 5e-4
+    base_lr = (1.0 if framework == "simclr" else 0.03) * 8 / 256  # the recipe's rate x B/256
+    assert f"lr {base_lr:.4g}," in runs[framework][2]
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(records) == 2 and "knn_top1" in records[0] and 0 <= records[0]["knn_top1"] <= 100
     for r in records:
@@ -630,18 +808,19 @@ def test_torchrun_script_two_processes(tmp_path):
 # ---------------------------------------------------------------------------
 
 def test_dssl_learns_on_cifar10(cifar10_dir, tmp_path):
-    """DSSL on the SimCLR framework lifts the kNN accuracy of resnet_small on real
-    CIFAR-10 above the randomly initialised network's.
+    """DSSL on the SimCLR framework (its own recipe: LARS lr 1.0 x B/256, RA(2, 5) heavy
+    views, weights 1 0 0.9 0.1) lifts the kNN accuracy of resnet_small on real CIFAR-10
+    above the randomly initialised network's.
 
     At 16 px (4x cheaper convolutions; the heavy views double the cost of a step),
     the first 2,048 training images as the kNN bank, the full 10,000-image test set:
-    random init (seed 0) 22.50%, after 64 steps (batch 64, 2 epochs, SGD lr 0.3 x B/256)
-    28.85% with 2 threads, 29.55% with one (+6.4 to +7 points). The test asks for +4."""
+    random init (seed 0) 22.50%, after 64 steps (batch 64, 2 epochs) 27.31% with 2
+    threads (+4.8 points). The test asks for +3."""
     run(["dssl.py", "--data", "cifar10", "--data-dir", cifar10_dir, "--no-download", "--subset", "2048",
          "--image-size", "16", "--workers", "2", "--arch", "resnet_small", "--framework", "simclr", "--batch-size", "64",
-         "--epochs", "2", "--lr", "0.3", "--knn-every", "2", "--log-every", "32", "--out", str(tmp_path)], timeout=1200)
+         "--epochs", "2", "--knn-every", "2", "--log-every", "32", "--out", str(tmp_path)], timeout=1200)
     with open(tmp_path / "log.jsonl") as f:
         trained = [json.loads(line) for line in f][-1]["knn_top1"]
     random_init = random_init_knn(cifar10_dir, 2048, image_size=16)
     print(f"kNN top-1 on CIFAR-10 at 16 px: random init {random_init:.2f}%, after 64 DSSL-SimCLR steps {trained:.2f}%")
-    assert trained >= random_init + 4.0, (random_init, trained)
+    assert trained >= random_init + 3.0, (random_init, trained)
