@@ -153,6 +153,7 @@ class AAGViews:
                     "randaugment": T.Compose([crop, common.randaugment(2, 10)]),      # Table 7, (v)
                     "basic": self.basic,                                              # Table 7, (ii)
                     "none": None}[args.aux_policy]                                    # Table 7, (i)
+        self.names = ["g_basic1(d)", "g_basic2(d)"] + (["g_aux(d)"] if self.aux is not None else [])  # --save-views columns
 
     def __call__(self, img):
         views = [self.basic(img), self.basic(img)] + ([self.aux(img)] if self.aux is not None else [])
@@ -245,9 +246,10 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
         n += 1
         if step % args.log_every == 0 or step == stop_at:
             if ctx.main:  # the only host sync in the loop
-                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}"), flush=True)
+                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}", data=loader), flush=True)
             # DDP: every rank stops at the same step; a non-finite loss ends the run in one line
             stopped = stop.agreed(ctx, loss, step, lr, scaler)
+        stopped = stopped or stop.pending(ctx)  # every step: a stop request loses at most one step
         if stopped or step >= stop_at:
             break
     loss, z_std, skipped = sums.tolist()
@@ -259,16 +261,19 @@ def main(argv=None):
     ctx = common.setup(args)
     pretrain_set, train_set, test_set = common.load_data(args, ctx)
     loader, sampler = common.train_loader(pretrain_set, AAGViews(args), args.batch_size, args.workers, args.seed, ctx)
+    if args.save_views:  # look before you train: a PNG of the epoch-0 views of the first images, then stop
+        common.save_views(args, loader.dataset, ctx)
+        return common.teardown()
 
     model = AAG(args.arch, args.image_size, args.proj_dim, args.head).to(ctx.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ddp_model = common.ddp(model, ctx)  # SyncBN on GPUs: BN over the global batch, as on the paper's one GPU
     base_lr = args.lr * args.batch_size / 128  # Sec. Experiments (Fig. 3): BatchSize/128 x 0.03
     # SGD with momentum 0.9 and weight decay on every parameter (Sec. Experiments).
     optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
     scaler = ctx.grad_scaler()
-    step = common.resume(args, model, optimizer, scaler)
+    step = common.resume(args, model, optimizer, scaler)  # DDP: resume, then wrap: DDP sends rank 0's weights to all
+    ddp_model = common.ddp(model, ctx)  # SyncBN on GPUs: BN over the global batch, as on the paper's one GPU
     common.start_run(args, ctx)  # after resume() accepted OUT's checkpoint: a refused run leaves OUT untouched
 
     steps_per_epoch = sampler.steps
@@ -296,7 +301,7 @@ def main(argv=None):
                                                args, ctx, progress, stop)
         elapsed = time.perf_counter() - t0
         record = dict(epoch=epoch + 1, step=step, **stats, lr=lr_at(step - 1),
-                      images_per_s=(step - first_step) * args.batch_size / elapsed,
+                      images_per_s=(step - first_step) * args.batch_size / elapsed, data_wait=loader.data_wait(),
                       time=elapsed, complete=step == (epoch + 1) * steps_per_epoch)
         if record["complete"] and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step == total_steps):
             record["knn_top1"] = common.knn_accuracy(knn_net, train_set, test_set, common.num_classes(args.data, train_set),

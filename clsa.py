@@ -273,6 +273,9 @@ class CLSAViews:
             weak(size, scale) for size, scale in zip(args.weak_sizes, pairs(args.weak_scales))]
         self.strong = [] if args.variant == "mocov2" else [
             T.Compose([weak(size, scale), strong]) for size, scale in zip(args.strong_sizes, pairs(args.strong_scales))]
+        self.names = (["key S(T(x))" if args.variant == "strong-query-key" else "key T(x)"]  # --save-views columns
+                      + [f"weak T'(x) {s}px" for s in args.weak_sizes if self.weak]
+                      + [f"strong S(x) {s}px" for s in args.strong_sizes if self.strong])
 
     def __call__(self, img):
         views = [self.key(img)] + [w(img) for w in self.weak] + [s(img) for s in self.strong]
@@ -285,7 +288,7 @@ class CLSAViews:
 # ---------------------------------------------------------------------------
 
 class CLSA(nn.Module):
-    def __init__(self, arch, image_size, hidden_dim, proj_dim, queue_size, ema_momentum, bn_splits):
+    def __init__(self, arch, image_size, hidden_dim, proj_dim, queue_size, ema_momentum, bn_splits, seed=0):
         super().__init__()
         self.ema_momentum = ema_momentum
         self.backbone, dim = common.resnet(arch, image_size)      # f_theta: [B, 3, S, S] -> h [B, dim]
@@ -299,8 +302,14 @@ class CLSA(nn.Module):
         for p in self.key_parameters():
             p.requires_grad_(False)  # updated by line 8 only; the optimizer never sees it
         # Q: [K, D] unit rows, random at the start (as MoCo), then FIFO of past keys.
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
+        # Drawn from `seed` alone, so every process starts with the same queue.
+        queue = torch.randn(queue_size, proj_dim, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("queue", F.normalize(queue, dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # row the next key goes to
+        # DDP: every process enqueues the same gathered keys, so the copies stay
+        # equal without DDP re-broadcasting the queue each step (K x D x 4 bytes:
+        # 32 MB on ImageNet).
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ["queue", "queue_ptr"])
 
     def query_parameters(self):
         return [*self.backbone.parameters(), *self.projector.parameters()]
@@ -345,8 +354,6 @@ class CLSA(nn.Module):
             k = common.batch_unshuffle(k, unshuffle)
             k = common.concat_all_gather(k)  # DDP: [B, D], the bank's batch part on every rank
         # A copy for the losses (autograd keeps it for backward), then FIFO update.
-        # DDP: the queue is a buffer, so DDP also broadcasts it from rank 0 every
-        # step (K x D x 4 bytes: 32 MB on ImageNet); the ranks' copies are equal anyway.
         queue = self.queue.clone()
         self.enqueue(k)
         return qs, k, queue
@@ -430,9 +437,10 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
         n += 1
         if step % args.log_every == 0 or step == stop_at:
             if ctx.main:  # the only host sync in the loop
-                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}"), flush=True)
+                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}", data=loader), flush=True)
             # DDP: every rank stops at the same step; a non-finite loss ends the run in one line
             stopped = stop.agreed(ctx, loss, step, lr, scaler)
+        stopped = stopped or stop.pending(ctx)  # every step: a stop request loses at most one step
         if stopped or step >= stop_at:
             break
     loss, z_std, skipped = sums.tolist()
@@ -444,17 +452,20 @@ def main(argv=None):
     ctx = common.setup(args)
     pretrain_set, train_set, test_set = common.load_data(args, ctx)
     loader, sampler = common.train_loader(pretrain_set, CLSAViews(args), args.batch_size, args.workers, args.seed, ctx)
+    if args.save_views:  # look before you train: a PNG of the epoch-0 views of the first images, then stop
+        common.save_views(args, loader.dataset, ctx)
+        return common.teardown()
 
     model = CLSA(args.arch, args.image_size, args.hidden_dim, args.proj_dim, args.queue_size, args.ema_momentum,
-                 args.bn_splits).to(ctx.device)
+                 args.bn_splits, args.seed).to(ctx.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ddp_model = common.ddp(model, ctx, sync_bn=False)  # per-process BN, as MoCo: shuffle-BN guards the keys
     base_lr = args.lr * args.batch_size / 256  # Sec. 4.1: 0.03 at B=256; linear in the global batch (MoCo's rule: 0.06 at 512)
     # Sec. 4.1: SGD, momentum 0.9, weight decay on every trained tensor (as MoCo); the key encoder is not trained.
     optimizer = torch.optim.SGD(model.query_parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
     scaler = ctx.grad_scaler()
-    step = common.resume(args, model, optimizer, scaler)
+    step = common.resume(args, model, optimizer, scaler)  # DDP: resume, then wrap: DDP sends rank 0's weights to all
+    ddp_model = common.ddp(model, ctx, sync_bn=False)  # per-process BN, as MoCo: shuffle-BN guards the keys
     common.start_run(args, ctx)  # after resume() accepted OUT's checkpoint: a refused run leaves OUT untouched
 
     steps_per_epoch = sampler.steps
@@ -476,7 +487,7 @@ def main(argv=None):
                                                args, ctx, progress, stop)
         elapsed = time.perf_counter() - t0
         record = dict(epoch=epoch + 1, step=step, **stats, lr=lr_at(step - 1),
-                      images_per_s=(step - first_step) * args.batch_size / elapsed,
+                      images_per_s=(step - first_step) * args.batch_size / elapsed, data_wait=loader.data_wait(),
                       time=elapsed, complete=step == (epoch + 1) * steps_per_epoch)
         if record["complete"] and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step == total_steps):
             record["knn_top1"] = common.knn_accuracy(model.backbone, train_set, test_set, common.num_classes(args.data, train_set),

@@ -10,6 +10,7 @@ import argparse
 import atexit
 import errno
 import functools
+import hashlib
 import json
 import math
 import os
@@ -94,7 +95,7 @@ def add_base_args(parser):
     g.add_argument("--data-dir", default="./data", help="where the data sets live (default ./data)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="fetch CIFAR, SVHN or STL-10 when missing (default on)")
-    g.add_argument("--subset", type=positive_int, default=None, help="use only the first N training images")
+    g.add_argument("--subset", type=positive_int, default=None, help="use only the first N training images (in file order: on a class-folder tree, the first classes)")
     g.add_argument("--image-size", type=positive_int, default=None,
                    help="input side in pixels (default: 32 CIFAR/SVHN/synthetic, 64 Tiny ImageNet, "
                         "96 STL-10, 224 ImageNet/folder); the CIFAR stem is used at 64 and below")
@@ -120,6 +121,10 @@ def add_base_args(parser):
     g.add_argument("--knn-every", type=nonneg_int, default=None, help="kNN monitor every N epochs, 0 = off (default 10; 0 on ImageNet/folder)")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps in all (smoke runs, benchmarks)")
     g.add_argument("--log-every", type=positive_int, default=50, help="progress line every N steps")
+    g.add_argument("--save-views", type=png_file, default=None, metavar="FILE.png",
+                   help="write a grid of the first --save-views-n images (one row each: the original, then the "
+                        "method's views as training draws them at epoch 0) and exit without training")
+    g.add_argument("--save-views-n", type=positive_int, default=8, help="images (rows) in the --save-views grid (default 8)")
     return parser
 
 
@@ -137,7 +142,7 @@ def finish_args(args, method, recipes):
     if args.knn_every is None:
         args.knn_every = 0 if args.data in ("imagenet", "folder") else 10
     if args.workers is None:
-        args.workers = min(8, os.cpu_count() or 1)
+        args.workers = default_workers()
     if args.out is None:
         args.out = os.path.join("runs", f"{method}-{args.data}")
     for name in ("epochs", "batch_size", "image_size", "log_every"):
@@ -149,6 +154,18 @@ def finish_args(args, method, recipes):
     if args.image_size < 16:
         fail(f"--image-size {args.image_size} is too small for a ResNet; use at least 16", USAGE)
     return args
+
+
+def default_workers():
+    """--workers default: the cores this process may run on (its CPU affinity, which
+    Slurm, taskset and container limits set; not the machine's count) shared among
+    this node's processes (torchrun's LOCAL_WORLD_SIZE), at least 1. min(8, cpu_count)
+    per process gave 64 workers on an 8-GPU node whatever the job was given."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity
+        cores = os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 # ---------------------------------------------------------------------------
@@ -416,8 +433,9 @@ class ListDataset(torch.utils.data.Dataset):
     """Image files with labels, e.g. Tiny ImageNet's val/ (flat images plus
     val_annotations.txt), which ImageFolder cannot read."""
 
-    def __init__(self, samples):
-        self.samples = samples
+    def __init__(self, samples, classes=None, missing_labels=None):
+        self.samples, self.classes = samples, classes
+        self.missing_labels = missing_labels  # why kNN / evaluate.py cannot use it (None: they can)
 
     def __len__(self):
         return len(self.samples)
@@ -470,13 +488,57 @@ def _stop_loader_workers():
 
 
 class _Loader:
-    """A DataLoader whose iteration ends a run in one line on an unreadable image."""
+    """A DataLoader whose iteration ends a run in one line on an unreadable
+    image, and which measures how long the training loop waits for data.
+
+    data_wait() is the share of wall-clock time, since this pass over the
+    loader began, spent inside next() on the DataLoader's iterator: the time
+    from the end of a step (the loop asking for its next batch) to the batch's
+    arrival, worker start-up at the beginning of the pass included. Two
+    perf_counter() calls per batch: no device sync, no .item(). What it means:
+    - workers > 0: next() returns at once when the workers have a batch ready
+      and blocks while they are behind, so the share is the time the loop
+      stalled for the loader (0% when loading keeps up);
+    - --workers 0: loading and augmenting run inside next(), so the share is
+      their whole cost, none of it overlapped with compute;
+    - on the CPU the step's compute is synchronous, so the share is exact;
+    - on a GPU the host returns from a step as soon as its kernels are queued,
+      and the GPU works through that queue while the host waits in next(): the
+      GPU only idles for the part of the wait beyond the queued work. The share
+      is therefore an upper bound on the GPU's starvation, not a measure of it
+      (a high share with a full GPU means a slow loader hidden by slower compute).
+    """
+
+    STARVED = 0.3  # an epoch with more data wait than this prints one hint (once per run)
 
     def __init__(self, loader):
         self.loader = loader
+        self.wait, self.t0, self.hinted = 0.0, time.perf_counter(), False
 
     def __iter__(self):
-        return fail_on_bad_images(self.loader)
+        self.wait, self.t0 = 0.0, time.perf_counter()
+        batches = fail_on_bad_images(self.loader)
+        while True:
+            t = time.perf_counter()
+            batch = next(batches, None)  # a batch is never None (default_collate)
+            self.wait += time.perf_counter() - t
+            if batch is None:
+                break
+            yield batch
+        self._hint()
+
+    def data_wait(self):
+        """Share (0-1) of the time since this pass began spent waiting for batches."""
+        return self.wait / max(time.perf_counter() - self.t0, 1e-9)
+
+    def _hint(self):
+        """After a whole pass: one hint, on the main process, the first time the loader starved."""
+        share, main = self.data_wait(), not dist.is_initialized() or dist.get_rank() == 0
+        if share > self.STARVED and not self.hinted and main:
+            self.hinted = True
+            print(f"note: {100 * share:.0f}% of this epoch was spent waiting for data: the loader is the bottleneck. "
+                  f"Try more --workers (now {self.loader.num_workers}), fewer or cheaper views, or a faster disk "
+                  "(images on local SSD, or decoded to arrays)", flush=True)
 
     def __len__(self):
         return len(self.loader)
@@ -494,6 +556,86 @@ def _image_folder(name, root, split, hint):
     except (FileNotFoundError, RuntimeError) as e:
         fail(f"{path} is not an image folder ({e})")
     return ds
+
+
+IMAGE_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS  # .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp
+
+
+def _image_files(top):
+    """Every image file under `top` at any depth, as (path, folders between top
+    and the file), in sorted order (the same on every process). Found by
+    extension in any case (.JPG too); names starting with a dot (.git/,
+    macOS ._x.jpg) are skipped. One walk of the tree, as ImageFolder does."""
+    files = []
+    for folder, dirs, names in os.walk(top, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = os.path.relpath(folder, top)
+        depth = () if rel == "." else tuple(rel.split(os.sep))
+        files += [(os.path.join(folder, n), depth) for n in sorted(names)
+                  if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
+    return files
+
+
+def _class_folders(files):
+    """Sorted class names if every file lies exactly one folder down in at least
+    two folders (<class>/<image>), else None: images directly in the tree,
+    deeper nesting, or a single folder mean no labels."""
+    if any(len(depth) != 1 for _, depth in files):
+        return None
+    classes = sorted({depth[0] for _, depth in files})
+    return classes if len(classes) >= 2 else None
+
+
+def _folder(root, train):
+    """--data folder. The training tree is --data-dir/train/ if it exists, else
+    --data-dir itself. It is labelled when every image in it is exactly one
+    folder down, in at least two folders (train/<class>/<image>); then val/,
+    when present, must hold images of those classes (val/<class>/<image>). Any
+    other tree (a flat folder, deeper nesting, no train/) is a set of unlabelled
+    images for pre-training: every image file under it, labels -1. The test
+    split is None without labels (no labelled train/ or no val/); the training
+    set's `missing_labels` then says why, for the kNN monitor and evaluate.py."""
+    exts = " ".join(IMAGE_EXTENSIONS)
+    labelled_layout = "train/<class>/<image> and val/<class>/<image>"
+    tree = os.path.join(root, "train")
+    if not os.path.isdir(tree):
+        if not os.path.isdir(root):
+            fail(f"folder not found: --data-dir {root} does not exist (it must hold images, or {labelled_layout})")
+        tree = root
+    files = _image_files(tree)
+    if not files:
+        fail(f"folder: no image files ({exts}, any case) under {tree}")
+    classes = _class_folders(files) if tree != root else None
+    val = os.path.join(root, "val")
+    if classes is None:
+        why = (f"{root} has no train/ folder, so its images have no labels" if tree == root else
+               f"{tree} is not one level of at least two class folders ({labelled_layout}), so it has no labels")
+    elif not os.path.isdir(val):
+        why = f"{root} has no val/ folder of labelled images (val/<class>/<image>) to test on"
+    else:
+        why = None
+    if train:
+        index = {c: i for i, c in enumerate(classes or ())}
+        return ListDataset([(path, index[depth[0]] if classes else -1) for path, depth in files], classes, why)
+    if why:
+        return None
+    val_files = _image_files(val)
+    if not val_files or any(len(depth) != 1 for _, depth in val_files):
+        fail(f"{val} must hold images of train/'s classes one folder down (val/<class>/<image>), "
+             f"as train/ does; remove val/ to pre-train without a test set")
+    unknown = sorted({d[0] for _, d in val_files} - set(classes))
+    if unknown:
+        fail(f"{val} has class folders that train/ does not have: {', '.join(unknown[:5])}")
+    index = {c: i for i, c in enumerate(classes)}
+    return ListDataset([(path, index[depth[0]]) for path, depth in val_files], classes)
+
+
+def missing_labels(ds):
+    """Why a training set from load_data() cannot feed the kNN monitor or
+    evaluate.py (an unlabelled folder, or no val/), or None when it can."""
+    while isinstance(ds, torch.utils.data.Subset):
+        ds = ds.dataset
+    return getattr(ds, "missing_labels", None)
 
 
 def _first_root(*candidates):
@@ -564,7 +706,7 @@ def dataset(name, root, train, download=True, image_size=32, pretrain=False):
         return _image_folder("imagenet", root, "train" if train else "val",
                              "ILSVRC-2012 with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")
     if name == "folder":
-        return _image_folder("folder", root, "train" if train else "val", "--data-dir must hold train/<class>/ and val/<class>/")
+        return _folder(root, train)
     if name == "synthetic":
         return _synthetic(train, image_size)
     fail(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}", USAGE)
@@ -578,16 +720,34 @@ def load_data(args, ctx):
         train = dataset(args.data, args.data_dir, True, False, args.image_size) if args.data == "stl10" else pretrain
         test = dataset(args.data, args.data_dir, False, args.download, args.image_size)
         return first(pretrain, args.subset), first(train, args.subset), test
-    if ctx.world > 1 and not ctx.main:
-        dist.barrier()
-    out = load()
-    if ctx.world > 1 and ctx.main:
-        dist.barrier()
+    # DDP: one download per file system, never several into one folder at once. Rank 0
+    # first; then the first process of every other node (on a shared --data-dir it finds
+    # rank 0's copy, on a node-local one it fetches its own); then the rest, which only read.
+    out = None
+    for turn in (ctx.main, ctx.local_rank == 0 and not ctx.main, ctx.local_rank != 0 and not ctx.main):
+        if turn:
+            out = load()
+        if ctx.world > 1:
+            dist.barrier()
+    skip_knn_without_labels(args, ctx, out[1])
     return out
 
 
 def num_classes(name, ds):
+    while isinstance(ds, torch.utils.data.Subset):  # --subset wraps the set
+        ds = ds.dataset
     return DATA_INFO[name]["classes"] or len(ds.classes)
+
+
+def skip_knn_without_labels(args, ctx, train):
+    """The kNN monitor votes with the labels of a training set on a labelled
+    test set; an unlabelled folder has neither. Turns it off (args.knn_every = 0)
+    with one line saying why, instead of failing: pre-training needs no labels."""
+    why = missing_labels(train)
+    if why and getattr(args, "knn_every", 0):
+        if ctx.main:
+            print(f"kNN monitor off: {why}", flush=True)
+        args.knn_every = 0
 
 
 def first(ds, n):
@@ -659,7 +819,9 @@ def train_loader(ds, transform, batch_size, workers, seed, ctx):
     loader = torch.utils.data.DataLoader(
         SeededViews(ds, transform), batch_size=batch_size // ctx.world, sampler=sampler,
         num_workers=workers, pin_memory=ctx.device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        # 2 batches in flight per worker (PyTorch's default): at 4, an ImageNet batch of 154 MB
+        # x 4 x every worker fills a container's /dev/shm (often 64 MB to a few GB).
+        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
     return _Loader(loader), sampler
 
 
@@ -695,10 +857,33 @@ def view_transform(size, scale=(0.08, 1.0), jitter=None, p_jitter=0.8, p_gray=0.
             ops.append(T.RandomApply([RandomPILBlur((0.1, 2.0))], p=p_blur))
         elif blur == "kernel":
             kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd, 10% of the side
-            ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=p_blur))
+            ops.append(T.RandomApply([KernelBlur(kernel, sigma=(0.1, 2.0))], p=p_blur))
         else:
             raise ValueError(f"blur must be 'kernel' or 'pil', got {blur!r}")
     return T.Compose(ops)
+
+
+class KernelBlur(T.GaussianBlur):
+    """SimCLR's blur (App. A): torchvision's GaussianBlur (same sigma draw,
+    kernel, reflect padding and rounding), computed on PIL images as two 1-D
+    passes: 2k instead of k^2 multiply-adds per pixel, so a 224 px view with
+    its 23 px kernel costs a few ms instead of tens (the loader's heaviest op).
+    Equal to torchvision's result up to 1/255 where float rounding meets a tie."""
+
+    def forward(self, img):
+        if not isinstance(img, Image.Image):
+            return super().forward(img)
+        sigma = self.get_params(self.sigma[0], self.sigma[1])
+        k = self.kernel_size[0]
+        x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k)
+        w = torch.exp(-0.5 * (x / sigma) ** 2)
+        w = w / w.sum()
+        t = TF.pil_to_tensor(img).float().unsqueeze(0)  # [1, C, H, W]
+        c = t.shape[1]
+        t = F.pad(t, [k // 2] * 4, mode="reflect")
+        t = F.conv2d(t, w.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)  # along x
+        t = F.conv2d(t, w.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)  # along y
+        return TF.to_pil_image(t[0].round_().clamp_(0, 255).to(torch.uint8))
 
 
 class RandomPILBlur:
@@ -876,6 +1061,68 @@ class Jigsaw:
 
 
 # ---------------------------------------------------------------------------
+# Look before you train (--save-views): a PNG grid of what the model sees. One
+# row per image, the original first, then the method's views in the order its
+# Views class returns them (and its training loop consumes them), drawn with
+# the epoch-0 seeds of the training sampler: the very tensors of epoch 0.
+# ---------------------------------------------------------------------------
+
+def png_file(text):
+    """argparse type of --save-views: a FILE.png whose folder exists."""
+    folder = os.path.dirname(os.path.abspath(os.path.expanduser(text)))
+    if not text.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"writes a PNG: give a FILE ending in .png, got {text!r}")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder {folder} of {text!r} does not exist")
+    return text
+
+
+def _into_cell(x, cell, fill=128):
+    """[3, h, w] uint8 -> [3, cell, cell]: centred on a grey square (no resampling)."""
+    out = torch.full((3, cell, cell), fill, dtype=torch.uint8)
+    h, w = x.shape[1:]
+    top, left = (cell - h) // 2, (cell - w) // 2
+    out[:, top:top + h, left:left + w] = x
+    return out
+
+
+def save_views(args, views, ctx):
+    """Writes args.save_views: the first args.save_views_n images of `views`
+    (the SeededViews the training loader reads) and their views at epoch 0,
+    then prints the column names. The keys are the (index, seed) pairs the
+    TrainSampler hands out at epoch 0 (a seed depends on (seed, epoch, index)
+    only, not on the batch size or the number of processes). The cell is the
+    largest view's side: smaller views (multi-crop, CLSA's 96 px strong
+    crops) are padded, centred on grey, not upscaled, so their size shows;
+    the original is resized to fit the cell (aspect kept, padded likewise)."""
+    n = args.save_views_n
+    if n > len(views):
+        fail(f"--save-views-n {n} is more than the {len(views)} images of the training set", USAGE)
+    if not ctx.main:
+        return
+    sampler = TrainSampler(len(views), len(views), seed=args.seed)  # one batch: every index, the loader's seeds
+    sampler.set_epoch(0)
+    seeds = dict(iter(sampler))
+    rows = [views[(i, seeds[i])][0] for i in range(n)]  # lists of [3, h, w] uint8, as the loader yields them
+    cell = max(max(v.shape[1:]) for row in rows for v in row)
+    cells = []
+    for i, row in enumerate(rows):
+        img = views.ds[i][0].convert("RGB")
+        if max(img.size) != cell:  # fit the longer side to the cell
+            w, h = img.size
+            img = img.resize((max(1, round(w * cell / max(w, h))), max(1, round(h * cell / max(w, h)))), Image.BICUBIC)
+        cells += [_into_cell(to_tensor(img), cell)] + [_into_cell(v, cell) for v in row]
+    names = ["original"] + list(getattr(views.transform, "names", [f"view {j + 1}" for j in range(len(rows[0]))]))
+    grid = torchvision.utils.make_grid(torch.stack(cells), nrow=len(rows[0]) + 1, padding=2, pad_value=255)
+    try:
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(args.save_views, format="PNG")
+    except OSError as e:
+        fail(f"cannot write --save-views {args.save_views}: {e}")
+    print(f"{args.method} views: {' | '.join(names)}  ({n} images of {args.data}, epoch-0 seeds; {cell} px cells: "
+          f"original resized to fit, smaller views padded, not upscaled) -> {args.save_views}", flush=True)
+
+
+# ---------------------------------------------------------------------------
 # Distributed plumbing. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without
 # them the program is one plain process and every collective is a no-op.
 # ---------------------------------------------------------------------------
@@ -886,6 +1133,7 @@ class Context:
     def __init__(self, rank, world, local_rank, device, amp_dtype):
         self.rank, self.world, self.local_rank, self.device, self.amp_dtype = rank, world, local_rank, device, amp_dtype
         self.main = rank == 0
+        self.cpu_group = None  # under torchrun: a gloo group for small flags, so they never touch the GPU
 
     def autocast(self):
         # AMP: forward passes in bf16/fp16; every loss casts to float32 itself.
@@ -920,7 +1168,29 @@ def setup(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     amp_dtype = choose_amp(getattr(args, "amp", "off"), device, warn=rank == 0)
     seed_everything(getattr(args, "seed", 0) + rank)
-    return Context(rank, world, local_rank, device, amp_dtype)
+    ctx = Context(rank, world, local_rank, device, amp_dtype)
+    if world > 1:
+        ctx.cpu_group = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    previous = sys.excepthook
+    previous = previous.args[0] if getattr(previous, "func", None) is _out_of_memory_hook else previous  # set up twice
+    sys.excepthook = functools.partial(_out_of_memory_hook, previous, args, ctx)
+    return ctx
+
+
+def _out_of_memory_hook(default, args, ctx, kind, error, tb):
+    """A CUDA out-of-memory error ends in one line saying what to change, not a page of traceback."""
+    if not isinstance(error, torch.OutOfMemoryError):
+        return default(kind, error, tb)
+    batch = getattr(args, "batch_size", None)
+    if hasattr(args, "method"):  # a training script: --batch-size is global
+        where = f"at {batch // ctx.world} images per GPU (--batch-size {batch} over {ctx.world} process(es))"
+    else:
+        where = f"at {batch} images per GPU (--batch-size is per process here)"
+    amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[ctx.amp_dtype]
+    advice = "lower --batch-size" + (", or use --amp bf16 (fp16 before Ampere)" if amp == "off" else "") + \
+             ("; more GPUs keep the global batch at a smaller per-GPU share" if hasattr(args, "method") else "")
+    # The interpreter then exits with status 1 (RUNTIME), atexit hooks run as usual.
+    print(f"error: CUDA out of memory {where}, --amp {amp}: {advice} (README: memory per GPU)", file=sys.stderr, flush=True)
 
 
 def choose_amp(amp, device, warn=True):
@@ -1267,9 +1537,13 @@ def clean_state_dict(module):
 def resume(args, model, optimizer, scaler, extra=None):
     """Restore a run per --resume (auto: OUT/last.pt if it exists). Returns the
     number of optimizer steps already taken (0 for a fresh start). `extra` maps
-    checkpoint keys to objects with load_state_dict (momentum encoders, queues)."""
+    checkpoint keys to objects with load_state_dict (momentum encoders, queues).
+    DDP: call it BEFORE wrapping the model in DDP, whose one-time broadcast then
+    hands rank 0's resumed weights to all; every process reads its own --out,
+    so all must agree on the step and the checkpoint (same_start)."""
     path = os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume
     if args.resume == "none" or (args.resume == "auto" and not os.path.isfile(path)):
+        same_start(0, None, f"no checkpoint in {args.out}" if args.resume == "auto" else "--resume none")
         return 0
     ckpt = load_checkpoint(path, hint="; delete it, or pass --resume none to start over")
     if "method" not in ckpt and "step" not in ckpt:
@@ -1295,7 +1569,40 @@ def resume(args, model, optimizer, scaler, extra=None):
             obj.load_state_dict(ckpt[key])
     except (KeyError, ValueError, RuntimeError) as e:
         fail(f"{path} has an optimizer or {type(e).__name__} state that does not fit this run ({e})")
+    same_start(int(ckpt["step"]), _digest(ckpt["model"]), path)
     return int(ckpt["step"])
+
+
+def _digest(state):
+    """A hash of a state dict's tensors (about 0.2 s for ResNet-50's 100 MB)."""
+    h = hashlib.sha1()
+    for key in sorted(state):
+        h.update(key.encode())
+        if torch.is_tensor(state[key]):
+            h.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def same_start(step, digest, where):
+    """DDP: every process resumes from the step and checkpoint rank 0 resumes
+    from, or the run stops. With --out on node-local disks (the default runs/...
+    is relative) a node without last.pt would start from step 0 while node 0
+    resumes, and the replicas would silently train different weights."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    mine = dict(step=step, digest=digest, where=where, node=os.uname().nodename, rank=dist.get_rank())
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    ref = everyone[0]
+    for other in everyone[1:]:
+        if (other["step"], other["digest"]) != (ref["step"], ref["digest"]):
+            what = "a different checkpoint at the same step" if other["step"] == ref["step"] else f"step {other['step']}"
+            message = (f"rank {other['rank']} on node {other['node']} would resume from {what} ({other['where']}), "
+                       f"rank 0 on node {ref['node']} from step {ref['step']} ({ref['where']}): every process must see "
+                       "the same checkpoint; put --out on a file system all nodes share, or copy last.pt to each node")
+            if dist.get_rank() == 0:
+                fail(message)
+            sys.exit(RUNTIME)  # the other processes stop quietly: rank 0 says why, in one line
 
 
 def save_run(args, model, backbone, optimizer, scaler, step, epoch, extra=None):
@@ -1387,18 +1694,27 @@ class Progress:
     def images_per_second(self, step):
         return (step - self.s0) * self.batch / max(1e-9, time.perf_counter() - self.t0)
 
-    def line(self, epoch, epochs, step, loss, lr, extra=""):
+    def line(self, epoch, epochs, step, loss, lr, extra="", data=None):
+        """`data`: the training loader; when it measures its wait (train_loader's
+        does), the line shows the share of this epoch spent waiting for batches."""
         ips = self.images_per_second(step)
         eta = (self.total - step) * self.batch / max(ips, 1e-9)
+        wait = f"  data {100 * data.data_wait():.0f}%" if hasattr(data, "data_wait") else ""
         return (f"epoch {epoch + 1}/{epochs}  step {step}/{self.total}  loss {loss:.4f}  lr {lr:.4g}  "
-                f"{ips:.0f} img/s  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}{extra}")
+                f"{ips:.0f} img/s{wait}  eta {duration(eta)}{extra}")
+
+
+def duration(seconds):
+    """'03:04:05', or '1d 03:04:05' from 24 h on (strftime's %H wraps at a day)."""
+    days, rest = divmod(int(min(seconds, 9_999 * 86400)), 86400)
+    return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
 
 
 NONFINITE_PATIENCE = 3  # fp16: log steps in a row with a non-finite loss before the run is stopped
 
 
 class StopSignal:
-    """SIGINT/SIGTERM ask the run to stop at the next log step, after writing
+    """SIGINT/SIGTERM ask the run to stop after the current step, after writing
     a checkpoint; a second signal stops at once."""
 
     def __init__(self):
@@ -1412,6 +1728,18 @@ class StopSignal:
                   flush=True)
             raise SystemExit(130)
         self.requested = True
+
+    def pending(self, ctx):
+        """Checked every step: True on every rank once any rank was asked to
+        stop, so a preemption (torchrun kills its workers ~30 s after SIGTERM)
+        loses at most a step. One process: a Python flag, free. Under torchrun:
+        a 4-byte all-reduce over a CPU (gloo) group, so it never waits for the
+        GPU (0.3 ms between two local processes on a busy 2-core CPU)."""
+        if ctx.world == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
+        return bool(flag.item())
 
     def agreed(self, ctx, loss=None, step=None, lr=None, scaler=None):
         """True on every rank if any rank was asked to stop (a collective: call
@@ -1447,7 +1775,11 @@ def embedding_std(z):
 # ---------------------------------------------------------------------------
 # Evaluation: features of a frozen backbone, weighted kNN (Wu et al. 2018) and
 # the linear probe. Under DDP each process takes a contiguous shard of the
-# images and the shards are gathered, so every image is counted exactly once.
+# images, so every image is counted exactly once. The TRAINING features (the
+# kNN bank, the probe's inputs) stay sharded: ImageNet's 1.28M x 2048 float32
+# bank is 10.5 GB, too much to copy onto every GPU. Only the test features are
+# gathered; the kNN merges per-shard top-k lists and the probe all-reduces its
+# gradients (README "Evaluation memory" gives the bytes per process).
 # ---------------------------------------------------------------------------
 
 def _shard(n, ctx):
@@ -1469,9 +1801,10 @@ def gather_shards(x, ctx):
 
 
 @torch.no_grad()
-def extract_features(backbone, ds, transform, ctx, data, batch_size=256, workers=0):
+def extract_features(backbone, ds, transform, ctx, data, batch_size=256, workers=0, gather=True):
     """Features h [N, D] (float32) and labels [N] of every item of ds, in
-    order, on ctx.device. The backbone runs in eval mode (BN statistics
+    order, on ctx.device; gather=False keeps this process's shard (the items
+    _shard(N, ctx) names). The backbone runs in eval mode (BN statistics
     untouched) and is put back in the mode it was in."""
     was_training = backbone.training
     backbone.eval()
@@ -1485,67 +1818,151 @@ def extract_features(backbone, ds, transform, ctx, data, batch_size=256, workers
     loader = torch.utils.data.DataLoader(SeededViews(torch.utils.data.Subset(ds, shard), transform),
                                          batch_size=batch_size, num_workers=workers, worker_init_fn=ignore_stop_signals,
                                          sampler=[(i, 0) for i in range(len(shard))], pin_memory=ctx.device.type == "cuda")
-    feats, labels = [], []
+    feats = labels = None
+    done = 0
     for x, y in fail_on_bad_images(loader):
         with ctx.autocast():
             h = backbone(to_device(x, ctx, data, channels_last))
-        feats.append(h.float())
-        labels.append(y.to(ctx.device))
+        if feats is None:  # filled in place: a list of batches and its concatenation would hold the shard twice
+            feats = torch.empty((len(shard), *h.shape[1:]), device=ctx.device)
+            labels = torch.empty(len(shard), dtype=y.dtype, device=ctx.device)
+        feats[done:done + len(h)] = h.float()
+        labels[done:done + len(y)] = y.to(ctx.device)
+        done += len(h)
     backbone.train(was_training)
-    return gather_shards(torch.cat(feats)[:keep], ctx), gather_shards(torch.cat(labels)[:keep], ctx)
+    feats, labels = feats[:keep], labels[:keep]
+    if not gather:
+        return feats, labels
+    return gather_shards(feats, ctx), gather_shards(labels, ctx)
 
 
 @torch.no_grad()
-def knn_predict(test_feats, train_feats, train_labels, classes, k=200, t=0.1, chunk=1024):
+def knn_predict(test_feats, train_feats, train_labels, classes, k=200, t=0.1, chunk=1024, bank_chunk=16384,
+                ctx=None, normalize=False):
     """Weighted kNN (InstDisc, Wu et al. 2018): the k most cosine-similar
     training features vote for their label with weight exp(sim / t).
-    Features must be L2-normalised. Returns predicted labels [N_test]."""
-    k = min(k, len(train_feats))
+    Features must be L2-normalised, or normalize=True normalises them chunk by
+    chunk (no normalised copy of the bank). Returns predicted labels [N_test].
+    Sharded bank: with a ctx of several processes, train_feats/train_labels
+    are this process's shard and test_feats the same on every process. The
+    top k of the whole bank is among the union of each shard's top k, so the
+    [chunk, k] candidates of all shards are gathered and merged: the same
+    neighbours as one process holding the whole bank. Queries and bank are
+    both taken in chunks: a [chunk, bank_chunk] similarity block at a time."""
+    sharded = ctx is not None and ctx.world > 1
+    total = len(train_feats)
+    if sharded:
+        n = torch.tensor([total], device=test_feats.device)
+        dist.all_reduce(n)
+        total = int(n)
+    k = min(k, total)
     preds = []
     for q in test_feats.split(chunk):
-        sim, idx = (q @ train_feats.T).topk(k, dim=1)          # [b, k]
+        q = F.normalize(q, dim=1) if normalize else q
+        # -inf candidates fill a shard with fewer than k rows; exp(-inf / t) = 0 and a full bank never picks them.
+        top_sim = torch.full((len(q), k), -math.inf, device=q.device, dtype=q.dtype)
+        top_y = torch.zeros((len(q), k), device=q.device, dtype=train_labels.dtype)
+        for start in range(0, len(train_feats), bank_chunk):
+            bank = train_feats[start:start + bank_chunk]
+            bank = F.normalize(bank, dim=1) if normalize else bank
+            sim, idx = (q @ bank.T).topk(min(k, len(bank)), dim=1)  # [b, <=k]
+            top_sim, top_y = _merge_top(top_sim, top_y, sim, train_labels[start:start + bank_chunk][idx], k)
+        if sharded:  # DDP: W x [b, k] candidates, not the bank
+            sims, ys = [torch.empty_like(top_sim) for _ in range(ctx.world)], [torch.empty_like(top_y) for _ in range(ctx.world)]
+            dist.all_gather(sims, top_sim)
+            dist.all_gather(ys, top_y)
+            top_sim, top_y = _merge_top(sims[0], ys[0], torch.cat(sims[1:], 1), torch.cat(ys[1:], 1), k)
         votes = torch.zeros(len(q), classes, device=q.device, dtype=q.dtype)
-        votes.scatter_add_(1, train_labels[idx], (sim / t).exp())
+        votes.scatter_add_(1, top_y, (top_sim / t).exp())
         preds.append(votes.argmax(dim=1))
     return torch.cat(preds)
 
 
+def _merge_top(sim_a, y_a, sim_b, y_b, k):
+    """The k largest similarities of two candidate lists [b, *], with their labels, largest first."""
+    sim, j = torch.cat([sim_a, sim_b], 1).topk(k, dim=1)
+    return sim, torch.cat([y_a, y_b], 1).gather(1, j)
+
+
 def knn_accuracy(backbone, train_ds, test_ds, classes, ctx, size, data, k=200, t=0.1, batch_size=256, workers=0):
-    """Top-1 (%) of the weighted kNN classifier on the frozen backbone's features."""
+    """Top-1 (%) of the weighted kNN classifier on the frozen backbone's features
+    (the bank stays sharded over the processes, the test features are gathered)."""
     tf = eval_transform(data, size)
-    train_f, train_y = extract_features(backbone, train_ds, tf, ctx, data, batch_size, workers)
+    train_f, train_y = extract_features(backbone, train_ds, tf, ctx, data, batch_size, workers, gather=False)
     test_f, test_y = extract_features(backbone, test_ds, tf, ctx, data, batch_size, workers)
-    return knn_top1(train_f, train_y, test_f, test_y, classes, k, t)
+    return knn_top1(train_f, train_y, test_f, test_y, classes, k, t, ctx=ctx)
 
 
-def knn_top1(train_f, train_y, test_f, test_y, classes, k=200, t=0.1):
-    """Top-1 (%) of weighted kNN on cosine similarity of the given (raw) features."""
-    pred = knn_predict(F.normalize(test_f, dim=1), F.normalize(train_f, dim=1), train_y, classes, k, t)
+def knn_top1(train_f, train_y, test_f, test_y, classes, k=200, t=0.1, ctx=None):
+    """Top-1 (%) of weighted kNN on cosine similarity of the given (raw) features.
+    With a ctx of several processes train_f/train_y are this process's shard."""
+    pred = knn_predict(test_f, train_f, train_y, classes, k, t, ctx=ctx, normalize=True)
     return 100.0 * (pred == test_y).float().mean().item()
 
 
 def linear_probe(train_f, train_y, test_f, test_y, classes, epochs=100, lr=0.1, optimizer="sgd", schedule="cosine",
-                 milestones=(), weight_decay=0.0, batch_size=256, seed=0):
+                 milestones=(), weight_decay=0.0, batch_size=256, seed=0, ctx=None):
     """Train a linear classifier on fixed features; returns (top-1 % on the test
     features, the trained nn.Linear). The features are standardised with the
-    training set's mean and std first (a fixed affine map: still linear)."""
-    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
-    train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
+    training set's mean and std (a fixed affine map: still linear), batch by
+    batch, so no standardised copy is held. With a ctx of several processes
+    train_f/train_y are this process's shard (test_f whole): every process
+    draws the same global batches, computes the loss of the rows it holds, and
+    the gradients are summed, so the head is the one-process head."""
+    sharded = ctx is not None and ctx.world > 1
+    sizes = [len(train_f)]
+    if sharded:
+        counts = [torch.zeros(1, dtype=torch.long, device=train_f.device) for _ in range(ctx.world)]
+        dist.all_gather(counts, torch.tensor([len(train_f)], device=train_f.device))
+        sizes = [int(c) for c in counts]
+    n, lo = sum(sizes), sum(sizes[:ctx.rank]) if sharded else 0
+    mean, std = _feature_stats(train_f, n, ctx if sharded else None)
     g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = nn.Linear(train_f.shape[1], classes).to(train_f.device)
     opt = make_linear_optimizer(head.parameters(), optimizer, lr, weight_decay)
+    steps = -(-n // batch_size)
     for epoch in range(epochs):
         set_lr(opt, linear_lr(epoch, epochs, lr, schedule, milestones))
-        for idx in torch.randperm(len(train_f), generator=g).to(train_f.device).split(batch_size):
-            loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
+        perm = torch.randperm(n, generator=g)  # the global order, the same on every process
+        if sharded:  # this process's rows of each global batch (on the CPU: no GPU sync)
+            mine = (perm >= lo) & (perm < lo + len(train_f))
+            per_step = torch.bincount(torch.arange(n)[mine] // batch_size, minlength=steps).tolist()
+            batches = (perm[mine] - lo).to(train_f.device).split(per_step)
+        else:
+            batches = perm.to(train_f.device).split(batch_size)
+        for s, idx in enumerate(batches):
+            logits = head((train_f[idx] - mean) / std)
+            # The mean over the GLOBAL batch: each process adds its rows' share.
+            loss = F.cross_entropy(logits, train_y[idx], reduction="sum") / min(batch_size, n - s * batch_size)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if sharded:  # DDP: sum the shares (a D x C matrix and C biases, not the features)
+                for p in head.parameters():
+                    dist.all_reduce(p.grad)
             opt.step()
     with torch.no_grad():
-        acc = 100.0 * (head(test_f).argmax(1) == test_y).float().mean().item()
-    return acc, head
+        correct = sum(int((head((f - mean) / std).argmax(1) == y).sum()) for f, y in zip(test_f.split(8192), test_y.split(8192)))
+    return 100.0 * correct / max(1, len(test_f)), head
+
+
+@torch.no_grad()
+def _feature_stats(f, n, ctx=None, chunk=8192):
+    """Per-dimension mean and std (unbiased, as torch.std; plus 1e-6) of features
+    [n, D] held in shards over ctx's processes: two passes in float64, by chunks."""
+    total = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)
+    for c in f.split(chunk):
+        total += c.sum(0, dtype=torch.float64)
+    if ctx is not None:
+        dist.all_reduce(total)
+    mean = total / max(1, n)
+    sq = torch.zeros_like(total)
+    for c in f.split(chunk):
+        sq += ((c.double() - mean) ** 2).sum(0)
+    if ctx is not None:
+        dist.all_reduce(sq)
+    return mean.float(), (sq / max(1, n - 1)).sqrt().float() + 1e-6
 
 
 def make_linear_optimizer(params, name, lr, weight_decay):

@@ -229,6 +229,7 @@ class DSSLViews:
                                        p_jitter=0.8, p_gray=0.2, p_blur=args.blur,  # T, App. A.1
                                        blur="kernel" if args.framework == "simclr" else "pil")  # SimCLR's / MoCo v2's blur
         self.heavy = HeavyAugment(args.ra_n, args.ra_m, args.jigsaw_grid, args.p_jigsaw) if args.heavy == "on" else None
+        self.names = ["v", "v'"] + (["t^(v)", "t^(v')"] if self.heavy is not None else [])  # --save-views columns
 
     def __call__(self, img):
         views = [self.t(img), self.t(img)]
@@ -425,9 +426,10 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
         n += 1
         if step % args.log_every == 0 or step == stop_at:
             if ctx.main:  # the only host sync in the loop
-                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}"), flush=True)
+                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}", data=loader), flush=True)
             # DDP: every rank stops at the same step; a non-finite loss ends the run in one line
             stopped = stop.agreed(ctx, loss, step, lr, scaler)
+        stopped = stopped or stop.pending(ctx)  # every step: a stop request loses at most one step
         if stopped or step >= stop_at:
             break
     loss, z_std, skipped = sums.tolist()
@@ -439,12 +441,14 @@ def main(argv=None):
     ctx = common.setup(args)
     pretrain_set, train_set, test_set = common.load_data(args, ctx)
     loader, sampler = common.train_loader(pretrain_set, DSSLViews(args), args.batch_size, args.workers, args.seed, ctx)
+    if args.save_views:  # look before you train: a PNG of the epoch-0 views of the first images, then stop
+        common.save_views(args, loader.dataset, ctx)
+        return common.teardown()
 
     heavy_targets = args.heavy == "on" and (args.weights[1] > 0 or args.weights[3] > 0)  # beta, delta use y(v^)
     model = DSSL(args.framework, args.arch, args.image_size, args.proj_layers, heavy_targets).to(ctx.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ddp_model = common.ddp(model, ctx)  # SyncBN on GPUs: global BN (SimSiam, BYOL, SimCLR)
     base_lr = args.lr * args.batch_size / 256  # Sec. 4.2: lr 0.03 x B/256 (SimSiam's rule); SimCLR: 1.0 x B/256
     if args.framework == "simclr":  # SimCLR's LARS (Sec. 4.1; simclr-pytorch): no decay or adaptation on BN and biases
         optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=0.9, eta=0.001)
@@ -452,7 +456,8 @@ def main(argv=None):
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=base_lr, momentum=0.9,
                                     weight_decay=args.weight_decay)  # SimSiam's SGD: momentum 0.9, decay on every weight
     scaler = ctx.grad_scaler()
-    step = common.resume(args, model, optimizer, scaler)
+    step = common.resume(args, model, optimizer, scaler)  # DDP: resume, then wrap: DDP sends rank 0's weights to all
+    ddp_model = common.ddp(model, ctx)  # SyncBN on GPUs: global BN (SimSiam, BYOL, SimCLR)
     common.start_run(args, ctx)  # after resume() accepted OUT's checkpoint: a refused run leaves OUT untouched
 
     steps_per_epoch = sampler.steps
@@ -475,7 +480,7 @@ def main(argv=None):
                                                args, ctx, progress, stop)
         elapsed = time.perf_counter() - t0
         record = dict(epoch=epoch + 1, step=step, **stats, lr=lr_at(step - 1),
-                      images_per_s=(step - first_step) * args.batch_size / elapsed,
+                      images_per_s=(step - first_step) * args.batch_size / elapsed, data_wait=loader.data_wait(),
                       time=elapsed, complete=step == (epoch + 1) * steps_per_epoch)
         if record["complete"] and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step == total_steps):
             record["knn_top1"] = common.knn_accuracy(model.backbone, train_set, test_set, common.num_classes(args.data, train_set),

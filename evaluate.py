@@ -18,6 +18,8 @@ evaluated on another data set than the one it was trained on.
 Protocols:
 - kNN (Wu et al. 2018): k=200 nearest training features by cosine similarity
   vote with weight exp(sim / 0.1); every test image is counted exactly once.
+  Under torchrun the training features stay in one shard per process (only
+  the test features are gathered): README "Evaluation memory".
 - linear, fast (default): features extracted once without augmentation,
   standardised with the training mean and std, then a linear layer trained.
 - linear, paper-style (--linear-aug): random resized crop + flip of every
@@ -55,7 +57,8 @@ def get_args(argv=None):
     parser.add_argument("--arch", choices=common.ARCHS, help="backbone (default: the checkpoint's)")
     parser.add_argument("--subset", type=common.positive_int, help="use only the first N training images")
     parser.add_argument("--batch-size", type=common.positive_int, default=256, help="feature extraction batch per process")
-    parser.add_argument("--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1), help="data loader processes")
+    parser.add_argument("--workers", type=common.nonneg_int, default=common.default_workers(),
+                        help="data loader processes (default: this process's share of the cores it may use)")
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="mixed precision for feature extraction")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--features", default="backbone", choices=("backbone", "embedding"),
@@ -195,20 +198,27 @@ def main(argv=None):
     data_args = argparse.Namespace(data=args.data, data_dir=args.data_dir, download=args.download,
                                    image_size=args.image_size, subset=args.subset)
     _, train_set, test_set = common.load_data(data_args, ctx)
+    if common.missing_labels(train_set):
+        common.fail(f"evaluate.py needs labelled images, train/<class>/<image> and val/<class>/<image> under --data-dir: "
+                    f"{common.missing_labels(train_set)}")
     classes = common.num_classes(args.data, train_set)
     tf = common.eval_transform(args.data, args.image_size)
-    train_f, train_y = common.extract_features(backbone, train_set, tf, ctx, args.data, args.batch_size, args.workers)
+    # DDP: the training features stay in shards, one per process (ImageNet's are 10.5 GB);
+    # --linear-aug reads the images every epoch and needs none of them.
+    if args.knn or (args.linear and not args.linear_aug):
+        train_f, train_y = common.extract_features(backbone, train_set, tf, ctx, args.data, args.batch_size, args.workers,
+                                                   gather=False)
     test_f, test_y = common.extract_features(backbone, test_set, tf, ctx, args.data, args.batch_size, args.workers)
     results = dict(ckpt=args.ckpt, data=args.data, arch=args.arch, image_size=args.image_size, features=args.features,
-                   train_images=len(train_f), test_images=len(test_f))
+                   train_images=len(train_set), test_images=len(test_f))
     if args.knn:
-        results["knn_top1"] = common.knn_top1(train_f, train_y, test_f, test_y, classes, args.knn_k, args.knn_t)
+        results["knn_top1"] = common.knn_top1(train_f, train_y, test_f, test_y, classes, args.knn_k, args.knn_t, ctx=ctx)
     if args.linear and args.linear_aug:
         results["linear_top1"] = linear_with_aug(backbone, dim, train_set, test_f, test_y, classes, args, ctx)
     elif args.linear:
         results["linear_top1"], _ = common.linear_probe(
             train_f, train_y, test_f, test_y, classes, args.linear_epochs, args.linear_lr, args.linear_optim,
-            args.linear_schedule, args.linear_milestones, args.linear_wd, args.linear_batch_size, args.seed)
+            args.linear_schedule, args.linear_milestones, args.linear_wd, args.linear_batch_size, args.seed, ctx=ctx)
     if ctx.main:
         if args.json:
             with open(args.json, "w") as f:

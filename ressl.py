@@ -138,6 +138,7 @@ class ReSSLViews:
         self.teacher = (common.view_transform(size, scale=(0.2, 1.0)) if args.teacher_aug == "weak"  # Table 4: crop + flip
                         else contrastive(size, scale=(0.2, 1.0)))                                    # Table 3, row 1
         self.students = [contrastive(s, scale=(0.2 * s / size, s / size)) for s in args.student_crops]  # AdCo's scales
+        self.names = ["teacher T_w(x)"] + [f"student T_s(x) {s}px" for s in args.student_crops]  # --save-views columns
 
     def __call__(self, img):
         return [common.to_tensor(self.teacher(img))] + [common.to_tensor(t(img)) for t in self.students]
@@ -236,7 +237,9 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
         with ctx.autocast():
             z_t, z_s = model(x_t, crops, shuffle_seed=args.seed * 2 ** 32 + step)  # exact resume: seed from the step
         # Every student crop is matched to the same teacher relation, against Q before this step's keys.
-        loss = torch.stack([relational_loss(z, z_t, net.queue, args.tau_s, args.tau_t) for z in z_s]).mean()
+        # One call over all crops (the mean over crops of each crop's mean, as every crop has n rows), so the
+        # [K, D] buffer is normalised and kept for backward once per step, not once per crop.
+        loss = relational_loss(torch.cat(z_s), z_t.repeat(len(z_s), 1), net.queue, args.tau_s, args.tau_t)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # AMP: scaled only in fp16
         skipped = common.scaler_step(scaler, optimizer)  # AMP: 1 where fp16 skipped a step with overflowing gradients
@@ -248,9 +251,10 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
         n += 1
         if step % args.log_every == 0 or step == stop_at:
             if ctx.main:  # the only host sync in the loop
-                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}"), flush=True)
+                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}", data=loader), flush=True)
             # DDP: every rank stops at the same step; a non-finite loss ends the run in one line
             stopped = stop.agreed(ctx, loss, step, lr, scaler)
+        stopped = stopped or stop.pending(ctx)  # every step: a stop request loses at most one step
         if stopped or step >= stop_at:
             break
     loss, z_std, skipped = sums.tolist()
@@ -262,12 +266,14 @@ def main(argv=None):
     ctx = common.setup(args)
     pretrain_set, train_set, test_set = common.load_data(args, ctx)
     loader, sampler = common.train_loader(pretrain_set, ReSSLViews(args), args.batch_size, args.workers, args.seed, ctx)
+    if args.save_views:  # look before you train: a PNG of the epoch-0 views of the first images, then stop
+        common.save_views(args, loader.dataset, ctx)
+        return common.teardown()
 
     model = ReSSL(args.arch, args.image_size, args.proj_dim, args.proj_hidden, args.queue_size, args.bn_splits,
                   args.seed).to(ctx.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ddp_model = common.ddp(model, ctx, sync_bn=False)  # per-GPU BN; shuffle-BN for the teacher (Sec. 4, MoCo)
     base_lr = args.lr * args.batch_size / 256  # Sec. 4: 0.06 x B/256; Sec. 5: 0.05 x B/256
     # Only the student (requires_grad) is optimised: the teacher follows Eq. (6) alone. ImageNet: BN and bias
     # parameters (the 1-D tensors) without weight decay, as KyleZheng1997/ReSSL ressl.py.
@@ -275,7 +281,8 @@ def main(argv=None):
                else [p for p in model.parameters() if p.requires_grad])
     optimizer = torch.optim.SGD(student, lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)  # Sec. 4
     scaler = ctx.grad_scaler()
-    step = common.resume(args, model, optimizer, scaler)
+    step = common.resume(args, model, optimizer, scaler)  # DDP: resume, then wrap: DDP sends rank 0's weights to all
+    ddp_model = common.ddp(model, ctx, sync_bn=False)  # per-GPU BN; shuffle-BN for the teacher (Sec. 4, MoCo)
     common.start_run(args, ctx)  # after resume() accepted OUT's checkpoint: a refused run leaves OUT untouched
 
     steps_per_epoch = sampler.steps
@@ -297,7 +304,7 @@ def main(argv=None):
                                                args, ctx, progress, stop)
         elapsed = time.perf_counter() - t0
         record = dict(epoch=epoch + 1, step=step, **stats, lr=lr_at(step - 1),
-                      images_per_s=(step - first_step) * args.batch_size / elapsed,
+                      images_per_s=(step - first_step) * args.batch_size / elapsed, data_wait=loader.data_wait(),
                       time=elapsed, complete=step == (epoch + 1) * steps_per_epoch)
         if record["complete"] and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step == total_steps):
             record["knn_top1"] = common.knn_accuracy(model.backbone, train_set, test_set, common.num_classes(args.data, train_set),

@@ -93,6 +93,7 @@ class SimCLRViews:
         s = args.color_strength
         self.t = common.view_transform(args.image_size, scale=(0.08, 1.0),
                                        jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), p_blur=args.blur)
+        self.names = ["t(x)", "t'(x)"]  # --save-views columns, in __call__'s order
 
     def __call__(self, img):
         return [common.to_tensor(self.t(img)), common.to_tensor(self.t(img))]
@@ -170,9 +171,10 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
         n += 1
         if step % args.log_every == 0 or step == stop_at:
             if ctx.main:  # the only host sync in the loop
-                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}"), flush=True)
+                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}", data=loader), flush=True)
             # DDP: every rank stops at the same step; a non-finite loss ends the run in one line
             stopped = stop.agreed(ctx, loss, step, lr, scaler)
+        stopped = stopped or stop.pending(ctx)  # every step: a stop request loses at most one step
         if stopped or step >= stop_at:
             break
     loss, z_std, skipped = sums.tolist()
@@ -184,16 +186,19 @@ def main(argv=None):
     ctx = common.setup(args)
     pretrain_set, train_set, test_set = common.load_data(args, ctx)
     loader, sampler = common.train_loader(pretrain_set, SimCLRViews(args), args.batch_size, args.workers, args.seed, ctx)
+    if args.save_views:  # look before you train: a PNG of the epoch-0 views of the first images, then stop
+        common.save_views(args, loader.dataset, ctx)
+        return common.teardown()
 
     model = SimCLR(args.arch, args.image_size, args.proj_dim, args.head_bn).to(ctx.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ddp_model = common.ddp(model, ctx)  # SyncBN on GPUs: global BN (Sec. 3)
     scale = args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size)
     base_lr = args.lr * scale  # Sec. 4: 0.3 x B/256; App. B.1: 0.075 x sqrt(B)
     optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=0.9, eta=0.001)
     scaler = ctx.grad_scaler()
-    step = common.resume(args, model, optimizer, scaler)
+    step = common.resume(args, model, optimizer, scaler)  # DDP: resume, then wrap: DDP sends rank 0's weights to all
+    ddp_model = common.ddp(model, ctx)  # SyncBN on GPUs: global BN (Sec. 3)
     common.start_run(args, ctx)  # after resume() accepted OUT's checkpoint: a refused run leaves OUT untouched
 
     steps_per_epoch = sampler.steps
@@ -215,7 +220,7 @@ def main(argv=None):
                                                args, ctx, progress, stop)
         elapsed = time.perf_counter() - t0
         record = dict(epoch=epoch + 1, step=step, **stats, lr=lr_at(step - 1),
-                      images_per_s=(step - first_step) * args.batch_size / elapsed,
+                      images_per_s=(step - first_step) * args.batch_size / elapsed, data_wait=loader.data_wait(),
                       time=elapsed, complete=step == (epoch + 1) * steps_per_epoch)
         if record["complete"] and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step == total_steps):
             record["knn_top1"] = common.knn_accuracy(model.backbone, train_set, test_set, common.num_classes(args.data, train_set),

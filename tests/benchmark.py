@@ -1,24 +1,75 @@
-"""Throughput figures (printed, never asserted): not collected by pytest.
+"""Throughput of every method, and a check of the GPU code paths (printed, never asserted by pytest).
 
-    python tests/benchmark.py data                      # views/s of the SimCLR CIFAR pipeline, one core
-    python tests/benchmark.py step --arch resnet18      # SimCLR training step: images/s, peak memory
-    python tests/benchmark.py step --arch resnet18 --batch-size 512 --amp auto --channels-last   # on a GPU
+    python tests/benchmark.py data                       # views/s of the SimCLR CIFAR pipeline, one core
+    python tests/benchmark.py methods --arch resnet_small --batch-size 128 --steps 5     # CPU: one table row per method
+    python tests/benchmark.py methods --amp auto --channels-last                         # GPU: each method's CIFAR recipe
+    python tests/benchmark.py gpu-check                  # GPU: PASS/FAIL per line, exit 1 on any FAIL
 
-`step` times the model, loss and optimizer on random inputs (no loader), so it
-measures the compute side; `data` times one loader worker's share of the work.
-On a GPU, seconds per CIFAR-10 epoch = 50000 / images/s when the loader keeps up.
+`methods` runs each method's own main() (its views, model, loss, optimizer and
+train_one_epoch: no copy of them here) for --warmup + --steps optimizer steps
+through the real loader. It wraps the loader's iterator to time every next():
+the time the loop waits for its next batch. Before them the same
+train_one_epoch runs on the first batch, already on the device, repeated
+(the compute alone). Warm-up steps (worker start-up, cudnn.benchmark's kernel
+search) are left out of both. Columns: images/s end to end and of the compute
+alone, the share of wall time spent waiting for data, seconds per CIFAR-10 epoch
+at the end-to-end rate (50,000 images), peak GPU memory (or the training
+process's peak RSS on the CPU, loader workers not included), and the cost per
+image relative to SimCLR's (compute alone) next to the ratio expected from the
+pixels each method encodes per image (views x pixels per view, as the loader
+delivers them).
+
+`gpu-check` runs, for every method, short fp16 and bf16 + channels-last runs
+under torch.cuda.set_sync_debug_mode("warn") (a sync inside the loop outside the
+log step fails; fp16's GradScaler.step has one by design), checks finite losses,
+the loss scaler not skipping every step, a resume from the checkpoint written
+under AMP, SyncBN and nccl under torchrun on 2+ GPUs, and prints the `methods`
+table at each recipe's batch size. Without CUDA it says so and runs the bf16
+autocast checks on the CPU.
 """
 import argparse
+import contextlib
+import gc
+import importlib
+import io
+import itertools
+import json
+import math
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
+import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import simclr  # noqa: E402
 
+CIFAR10_TRAIN = 50_000
+
+# name -> (module, extra flags). CLSA-Multi at CIFAR scale: the README's command (sizes scaled from ImageNet's).
+MULTI = ["32", "28", "24", "20", "16"]
+METHODS = {
+    "simclr": ("SimCLR", "simclr", []),
+    "aag": ("AAG", "aag", []),
+    "clsa-single": ("CLSA-Single", "clsa", []),
+    "clsa-multi": ("CLSA-Multi", "clsa", ["--weak-sizes", *MULTI, "--strong-sizes", *MULTI]),
+    "ressl": ("ReSSL 1x", "ressl", []),
+    "dssl-simsiam": ("DSSL-SimSiam", "dssl", ["--framework", "simsiam"]),
+    "dssl-byol": ("DSSL-BYOL", "dssl", ["--framework", "byol"]),
+    "dssl-simclr": ("DSSL-SimCLR", "dssl", ["--framework", "simclr"]),
+}
+SYNC_MESSAGE = "synchronizing CUDA operation"
+
+
+# ---------------------------------------------------------------------------
+# data: one loader worker's share of the work
+# ---------------------------------------------------------------------------
 
 def bench_data(args):
     ds = common.dataset("synthetic", args.data_dir, True, image_size=32) if args.data == "synthetic" \
@@ -34,60 +85,434 @@ def bench_data(args):
     print(f"data: {2 * n / dt:.0f} views/s on one core ({n / dt:.0f} images/s, 2 views each; {args.data} 32x32)")
 
 
-def bench_step(args):
-    sargs = simclr.get_args(["--data", "cifar10", "--arch", args.arch, "--amp", args.amp])
-    ctx = common.setup(sargs)
-    model = simclr.SimCLR(args.arch, 32, 128).to(ctx.device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = common.LARS(common.param_groups(model, 1e-6), lr=0.1)
-    scaler = ctx.grad_scaler()
-    x = torch.randint(0, 256, (args.batch_size, 3, 32, 32), dtype=torch.uint8)
-    x1 = common.to_device(x, ctx, "cifar10", args.channels_last)
-    x2 = common.to_device(x.flip(3), ctx, "cifar10", args.channels_last)
+# ---------------------------------------------------------------------------
+# Instrumenting a method's own training loop
+# ---------------------------------------------------------------------------
 
-    def step():
-        with ctx.autocast():
-            z1, z2 = model(x1, x2)
-        loss = simclr.nt_xent_loss(z1, z2, 0.5)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+class Record:
+    """What one run measured. `timing`: time a window after `warmup` batches
+    (with a device sync at its start); `caught`: the list warnings are recorded
+    into, to attribute each to the loop step it happened in."""
 
-    for _ in range(args.warmup):
-        step()
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize()
+    def __init__(self, warmup, timing=True, caught=None, steps=0):
+        self.warmup, self.timing, self.caught, self.steps = warmup, timing, caught, steps
+        self.batches = self.measured = 0
+        self.wait = self.wall = 0.0
+        self.window_start = None
+        self.first_batch = None
+        self.step0 = None          # the loop's step counter when the current call began
+        self.owner = []            # per caught warning: the loop step it belongs to, None outside the loop
+        self.ctx = self.args = None
+
+    def attribute(self, step):
+        """Warnings caught since the last call belong to `step` (None: outside the loop)."""
+        if self.caught is not None:
+            self.owner += [step] * (len(self.caught) - len(self.owner))
+
+
+class TimedLoader:
+    """The training loader, with the host time spent in each next() recorded."""
+
+    def __init__(self, loader, record):
+        self.loader, self.record = loader, record
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):  # e.g. loader.sampler.steps (DSSL's momentum schedule)
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        r, k = self.record, 0
+        batches = iter(self.loader)
+        try:
+            while True:
+                r.attribute(r.step0 + k if k else None)  # the body of the previous step ends here
+                if r.timing and r.batches >= r.warmup and r.window_start is None:
+                    if r.ctx.device.type == "cuda":
+                        torch.cuda.synchronize()  # the window starts with the device idle
+                    r.window_start = time.perf_counter()
+                t0 = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                if r.window_start is not None:
+                    r.wait += time.perf_counter() - t0
+                    r.measured += 1
+                if r.first_batch is None:
+                    r.first_batch = batch
+                r.batches += 1
+                k += 1
+                r.attribute(r.step0 + k)  # a sync inside next() counts as the step it feeds
+                yield batch
+        finally:
+            r.attribute(r.step0 + k if k else None)
+
+
+class Repeat:
+    """A loader that yields one batch n times (the compute alone)."""
+
+    def __init__(self, batch, n, sampler):
+        self.batch, self.n, self.sampler = batch, n, sampler
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return iter([self.batch] * self.n)
+
+
+def on_device(x, device):
+    if isinstance(x, (list, tuple)):
+        return type(x)(on_device(v, device) for v in x)
+    return x.to(device) if torch.is_tensor(x) else x
+
+
+def first_batch(loader):
+    """The loader's first batch, made in this process: the same views its workers would make."""
+    keys = list(itertools.islice(iter(loader.sampler), loader.batch_size))
+    return loader.collate_fn([loader.dataset[k] for k in keys])
+
+
+def instrument(original, record, compute=None):
+    """train_one_epoch with its loader timed. Before the first real step,
+    `compute` (a Record) times the same function on the first batch, already
+    on the device, repeated: before the loader's workers start, so that they
+    do not compete with it for the cores."""
+
+    def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_at, args, ctx, progress, stop):
+        if compute is not None and compute.ctx is None:
+            compute.ctx, compute.args, compute.step0 = ctx, args, step
+            n = compute.warmup + compute.steps
+            compute.first_batch = on_device(first_batch(loader), ctx.device)
+            original(model, TimedLoader(Repeat(compute.first_batch, n, loader.sampler), compute), optimizer, scaler,
+                     lr_at, epoch, step, step + n, args, ctx, progress, stop)
+            if compute.window_start is not None:
+                compute.wall += time.perf_counter() - compute.window_start
+                compute.window_start = None
+        record.ctx, record.args, record.step0 = ctx, args, step
+        out = original(model, TimedLoader(loader, record), optimizer, scaler, lr_at, epoch, step, stop_at,
+                       args, ctx, progress, stop)
+        if record.window_start is not None:  # the loop ended with sums.tolist(): the device is done
+            record.wall += time.perf_counter() - record.window_start
+            record.window_start = None
+        record.attribute(None)
+        return out
+
+    return train_one_epoch
+
+
+@contextlib.contextmanager
+def patched(module, name, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def reset_peak_rss():
+    """Linux: restart the peak-RSS counter of this process (VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_method(key, flags, out, record, compute=None):
+    """Run method `key`'s main() with `flags`, its train_one_epoch instrumented.
+    Returns (stdout text, peak bytes)."""
+    _, module_name, extra = METHODS[key]
+    module = importlib.import_module(module_name)
+    argv = [*flags, *extra, "--out", out, "--knn-every", "0"]
+    text = io.StringIO()
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / args.steps
-    ips = args.batch_size / dt
-    line = (f"step: {args.arch} batch {args.batch_size} on {ctx.device} (amp {ctx.amp_dtype}, {torch.get_num_threads()} threads): "
-            f"{dt * 1000:.0f} ms/step, {ips:.0f} images/s, {50000 / ips:.1f} s per CIFAR-10 epoch (compute only)")
-    if ctx.device.type == "cuda":
-        line += f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB on {torch.cuda.get_device_name()}"
-    print(line)
+    reset_peak_rss()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # main() installs its own
+    try:
+        with patched(module, "train_one_epoch", instrument(module.train_one_epoch, record, compute)), \
+                contextlib.redirect_stdout(text):
+            module.main(argv)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    gc.collect()  # the loader's persistent workers end with it, before the next run
+    return text.getvalue(), torch.cuda.max_memory_allocated() if cuda else peak_rss()
 
 
-def main():
+# ---------------------------------------------------------------------------
+# methods: one table row per method
+# ---------------------------------------------------------------------------
+
+HEADER = ("| method | views x pixels per image | images/s end to end | images/s compute alone | data wait | "
+          "s per CIFAR-10 epoch | peak memory | cost vs SimCLR | expected (pixels) |")
+
+
+def pixels_per_image(batch):
+    views = batch[0]
+    return [int(v.shape[-1]) * int(v.shape[-2]) for v in views]
+
+
+def measure(key, opts):
+    """Train method `key` for opts.warmup + opts.steps steps; returns a dict of figures."""
+    flags = ["--data", opts.data, "--data-dir", opts.data_dir, "--no-download", "--resume", "none",
+             "--max-steps", str(opts.warmup + opts.steps), "--log-every", str(10 ** 9)]
+    for name in ("arch", "batch_size", "workers", "amp"):
+        if getattr(opts, name) is not None:
+            flags += [f"--{name.replace('_', '-')}", str(getattr(opts, name))]
+    if opts.channels_last:
+        flags.append("--channels-last")
+    record, compute = Record(opts.warmup), Record(opts.warmup, steps=opts.steps)
+    with tempfile.TemporaryDirectory() as out:
+        _, peak = run_method(key, flags, out, record, compute)
+    args = record.args
+    if record.measured == 0:
+        common.fail(f"{key}: no step after the {opts.warmup} warm-up steps was timed; raise --steps", common.USAGE)
+    pixels = pixels_per_image(record.first_batch)
+    ips = record.measured * args.batch_size / record.wall
+    compute_ips = compute.measured * args.batch_size / compute.wall
+    return dict(key=key, name=METHODS[key][0], batch_size=args.batch_size, arch=args.arch, image_size=args.image_size,
+                views=len(pixels), pixels=sum(pixels), images_per_s=ips, compute_images_per_s=compute_ips,
+                wait_share=record.wait / record.wall, epoch_s=CIFAR10_TRAIN / ips, peak_bytes=peak,
+                amp=str(record.ctx.amp_dtype).replace("torch.", "") if record.ctx.amp_dtype else "off",
+                device=str(record.ctx.device), workers=args.workers)
+
+
+def row(r, simclr_row):
+    base_pixels = 2 * r["image_size"] ** 2  # SimCLR: two views at the full size
+    cost = f"{simclr_row['compute_images_per_s'] / r['compute_images_per_s']:.2f}" if simclr_row else "-"
+    memory = f"{r['peak_bytes'] / 2**30:.2f} GiB" + ("" if r["device"].startswith("cuda") else " RSS")
+    return (f"| {r['name']} (B={r['batch_size']}) | {r['views']} x {r['pixels'] // r['views']} | {r['images_per_s']:.0f} | "
+            f"{r['compute_images_per_s']:.0f} | {r['wait_share']:.2f} | {r['epoch_s']:.1f} | {memory} | {cost} | "
+            f"{r['pixels'] / base_pixels:.2f} |")
+
+
+def parse_row(line):
+    """A table row of `methods` as a dict of numbers (the inverse of row(); used by the tests)."""
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    name, views, ips, compute, wait, epoch_s, memory, cost, expected = cells
+    n_views, per_view = (int(v) for v in views.split(" x "))
+    return dict(name=name, views=n_views, pixels_per_view=per_view, images_per_s=float(ips),
+                compute_images_per_s=float(compute), wait_share=float(wait), epoch_s=float(epoch_s),
+                peak_gib=float(memory.split()[0]), cost=None if cost == "-" else float(cost), expected=float(expected))
+
+
+def measure_apart(key, opts):
+    """measure() in a fresh process: peak memory per method, no loader or allocator left over from the last one."""
+    argv = [sys.executable, os.path.abspath(__file__), "methods", "--json", "--methods", key, "--data", opts.data,
+            "--data-dir", opts.data_dir, "--steps", str(opts.steps), "--warmup", str(opts.warmup)]
+    for name in ("arch", "batch_size", "workers", "amp"):
+        if getattr(opts, name) is not None:
+            argv += [f"--{name.replace('_', '-')}", str(getattr(opts, name))]
+    if opts.channels_last:
+        argv.append("--channels-last")
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        common.fail(f"{key}: the benchmark run exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_methods(opts):
+    keys = opts.methods or list(METHODS)
+    if opts.json:  # one method, for measure_apart
+        print(json.dumps(measure(keys[0], opts)))
+        return None
+    results, simclr_row = [], None
+    for i, key in enumerate(keys):
+        r = measure_apart(key, opts)
+        if key == "simclr":
+            simclr_row = r
+        if i == 0:
+            print(f"{opts.steps} steps after {opts.warmup} warm-up on {r['device']}"
+                  + (f" ({torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores)" if r["device"].startswith("cuda") else
+                     f" ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
+                  + f", {r['arch']}, {opts.data}, amp {r['amp']}{', channels-last' if opts.channels_last else ''}, "
+                    f"{r['workers']} loader workers", flush=True)
+            print(HEADER)
+            print("|" + "---|" * (HEADER.count("|") - 1), flush=True)
+        results.append(r)
+        print(row(r, simclr_row), flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------------
+# gpu-check
+# ---------------------------------------------------------------------------
+
+def unexpected_syncs(owners, files, stop_at, log_every, fp16):
+    """The syncs inside the loop that the loop does not claim: any outside a
+    log step, except fp16's GradScaler.step (it reads its inf check on the host).
+    owners[i]: the loop step of warning i (None: outside the loop); files[i]: where it was raised."""
+    bad = []
+    for step, where in zip(owners, files):
+        if step is None or step % log_every == 0 or step == stop_at:
+            continue
+        if fp16 and "grad_scaler" in os.path.basename(where):
+            continue
+        bad.append((step, where))
+    return bad
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Checks:
+    def __init__(self):
+        self.failed = 0
+
+    def __call__(self, ok, text):
+        self.failed += not ok
+        print(f"{'PASS' if ok else 'FAIL'}  {text}", flush=True)
+        return ok
+
+
+def amp_run(key, amp_flags, label, opts, check):
+    """A short run under `amp_flags`, then a resume of its checkpoint for 2 more steps."""
+    cuda = torch.cuda.is_available()
+    steps, log_every = opts.check_steps, opts.check_log_every
+    flags = ["--data", opts.data, "--data-dir", opts.data_dir, "--no-download", "--batch-size", str(opts.check_batch),
+             "--workers", str(opts.workers if opts.workers is not None else min(8, os.cpu_count() or 1)),
+             "--log-every", str(log_every), *amp_flags] + (["--arch", opts.arch] if opts.arch else [])
+    fp16 = "fp16" in amp_flags
+    name = f"{METHODS[key][0]} {label}"
+    with tempfile.TemporaryDirectory() as out:
+        record = Record(0, timing=False)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                record.caught = caught
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    run_method(key, [*flags, "--max-steps", str(steps), "--resume", "none"], out, record)
+                finally:
+                    if cuda:
+                        torch.cuda.set_sync_debug_mode("default")
+            log = read_log(out)
+        except (Exception, SystemExit) as e:
+            return check(False, f"{name}: the run failed: {type(e).__name__}: {str(e)[-300:]}")
+        losses = [r["loss"] for r in log]
+        check(all(math.isfinite(v) for v in losses), f"{name}: losses finite ({', '.join(f'{v:.3f}' for v in losses)})")
+        skipped = sum(r.get("skipped_steps", 0) for r in log)
+        if fp16:
+            check(skipped < steps, f"{name}: the loss scaler skipped {skipped} of {steps} steps")
+        if cuda:
+            syncs = [(s, w.filename) for s, w in zip(record.owner, record.caught) if SYNC_MESSAGE in str(w.message)]
+            bad = unexpected_syncs([s for s, _ in syncs], [f for _, f in syncs], steps, log_every, fp16)
+            where = sorted({f"{os.path.basename(f)} (step {s})" for s, f in bad})[:5]
+            check(not bad, f"{name}: {len(syncs)} host syncs in {steps} steps, none outside the log steps "
+                           f"(every {log_every}){' but ' + ', '.join(where) if bad else ''}")
+        scale = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)["scaler"].get("scale")
+        try:
+            text, _ = run_method(key, [*flags, "--max-steps", str(steps + 2)], out, Record(0, timing=False))
+            ckpt = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)
+            log2 = read_log(out)[len(log):]
+        except (Exception, SystemExit) as e:
+            return check(False, f"{name}: resuming the checkpoint failed: {type(e).__name__}: {str(e)[-300:]}")
+        # fp16: the scale only halts or halves in 2 steps; a scaler started afresh would be back at 2**16
+        scale_ok = not fp16 or (scale is not None and ckpt["scaler"].get("scale", math.inf) <= scale)
+        check(f"from step {steps}" in text and ckpt["step"] == steps + 2 and scale_ok
+              and all(math.isfinite(r["loss"]) for r in log2),
+              f"{name}: resumed from its checkpoint at step {steps} and trained to step {ckpt['step']}"
+              + (f" (loss scale {scale} restored)" if fp16 else ""))
+
+
+def distributed_run(key, opts, check):
+    """SyncBN and nccl: 2 processes on 2 GPUs for a few steps."""
+    _, module_name, extra = METHODS[key]
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(ROOT, f"{module_name}.py"), *extra, "--data", opts.data, "--data-dir", opts.data_dir,
+               "--no-download", "--batch-size", str(opts.check_batch), "--max-steps", "4", "--log-every", "2",
+               "--knn-every", "0", "--out", out]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        ok = proc.returncode == 0 and os.path.isfile(os.path.join(out, "log.jsonl")) \
+            and all(math.isfinite(r["loss"]) for r in read_log(out))
+        check(ok, f"{METHODS[key][0]}: 2 processes, nccl + SyncBN, 4 steps"
+                  + ("" if ok else f" (exit {proc.returncode}: {proc.stderr.strip()[-300:]})"))
+
+
+def gpu_check(opts):
+    cuda = torch.cuda.is_available()
+    check = Checks()
+    keys = opts.methods or list(METHODS)
+    if not cuda:
+        print("no CUDA device: running the CPU subset (bf16 autocast, channels-last, resume); fp16, the sync check, "
+              "SyncBN/nccl and the GPU table need a GPU", flush=True)
+    else:
+        print(f"gpu-check on {torch.cuda.get_device_name()} ({torch.cuda.device_count()} GPU(s)), {opts.data}", flush=True)
+    for key in keys:
+        if cuda:
+            amp_run(key, ["--amp", "fp16"], "fp16", opts, check)
+        amp_run(key, ["--amp", "bf16", "--channels-last"], "bf16 + channels-last", opts, check)
+    if cuda and torch.cuda.device_count() >= 2:
+        for key in keys:
+            distributed_run(key, opts, check)
+    elif cuda:
+        print("SKIP  SyncBN and nccl need 2 GPUs (torchrun --nproc_per_node=2)", flush=True)
+    if cuda and not opts.no_table:
+        table = argparse.Namespace(**{**vars(opts), "arch": opts.arch, "batch_size": None, "amp": "auto",
+                                      "channels_last": True, "steps": opts.steps, "warmup": opts.warmup})
+        try:
+            bench_methods(table)
+        except (Exception, SystemExit) as e:
+            check(False, f"the methods table failed: {type(e).__name__}: {str(e)[-300:]}")
+    print(f"gpu-check: {check.failed} FAIL" if check.failed else "gpu-check: all PASS", flush=True)
+    return 1 if check.failed else 0
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("data", "step"))
-    parser.add_argument("--data", default="cifar10", choices=("cifar10", "synthetic"))
+    parser.add_argument("what", choices=("data", "methods", "gpu-check"))
+    parser.add_argument("--data", default=None, choices=("cifar10", "synthetic"),
+                        help="default cifar10 when ./data (or --data-dir) has it, else synthetic (2,048 images)")
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--images", type=int, default=2000, help="data: images to transform")
-    parser.add_argument("--arch", default="resnet_small", choices=common.ARCHS)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="default: all")
+    parser.add_argument("--arch", default=None, choices=common.ARCHS, help="default: each method's CIFAR recipe")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: each method's CIFAR recipe")
+    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the scripts' min(8, cores))")
+    parser.add_argument("--amp", default=None, choices=("auto", "bf16", "fp16", "off"))
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    args = parser.parse_args()
-    bench_data(args) if args.what == "data" else bench_step(args)
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per method")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (worker start-up, kernel search)")
+    parser.add_argument("--check-batch", type=int, default=None, help="gpu-check: batch of the AMP runs (128; CPU 32)")
+    parser.add_argument("--check-steps", type=int, default=None, help="gpu-check: steps of the AMP runs (12; CPU 4)")
+    parser.add_argument("--check-log-every", type=int, default=None, help="gpu-check: log step of the AMP runs (5; CPU 2)")
+    parser.add_argument("--no-table", action="store_true", help="gpu-check: skip the methods table")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one method's figures, as JSON
+    opts = parser.parse_args(argv)
+    if opts.data is None:
+        has_cifar = os.path.isfile(os.path.join(opts.data_dir, "cifar-10-batches-py", "test_batch"))
+        opts.data = "cifar10" if has_cifar else "synthetic"
+    cuda = torch.cuda.is_available()
+    for name, gpu, cpu in (("check_batch", 128, 32), ("check_steps", 12, 4), ("check_log_every", 5, 2)):
+        if getattr(opts, name) is None:
+            setattr(opts, name, gpu if cuda else cpu)
+    if opts.what == "gpu-check" and not cuda and opts.arch is None:
+        opts.arch = "resnet_small"  # the CPU subset: small and quick
+    if opts.what == "data":
+        bench_data(opts)
+    elif opts.what == "methods":
+        bench_methods(opts)
+    else:
+        sys.exit(gpu_check(opts))
 
 
 if __name__ == "__main__":

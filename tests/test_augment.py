@@ -254,3 +254,27 @@ def test_randaugment_settings():
     assert isinstance(ra, T.RandAugment) and ra.num_ops == 2 and ra.magnitude == 10
     ra = common.randaugment(3, 5)
     assert ra.num_ops == 3 and ra.magnitude == 5
+
+
+def test_kernel_blur_equals_torchvisions_gaussian_blur():
+    """SimCLR's blur computed as two 1-D passes gives torchvision's GaussianBlur
+    result (same sigma draw from the same seed) up to 1/255 on rare rounding ties,
+    for RGB and grayscale images and at each data set's kernel size."""
+    rng = np.random.default_rng(0)
+    differing = total = 0
+    for size, k, mode in ((32, 3, "RGB"), (96, 9, "RGB"), (64, 7, "L"), (224, 23, "RGB")):
+        shape = (size, size, 3) if mode == "RGB" else (size, size)
+        img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+        for seed in range(4):
+            torch.manual_seed(seed)
+            ref = np.asarray(T.GaussianBlur(k, (0.1, 2.0))(img)).astype(int)
+            after_ref = torch.rand(())
+            torch.manual_seed(seed)
+            out = common.KernelBlur(k, (0.1, 2.0))(img)
+            assert torch.rand(()) == after_ref  # the same RNG draws: the views after it are unchanged too
+            assert out.mode == mode and out.size == img.size
+            d = np.abs(np.asarray(out).astype(int) - ref)
+            assert d.max() <= 1
+            differing, total = differing + (d > 0).sum(), total + d.size
+    assert differing / total < 1e-3
+    assert isinstance(common.view_transform(224, p_blur=0.5).transforms[-1].transforms[0], common.KernelBlur)

@@ -782,3 +782,16 @@ def test_clsa_learns_on_cifar10(cifar10_dir, tmp_path):
     random_init = random_init_knn(cifar10_dir, 2048)
     print(f"kNN top-1 on CIFAR-10: random init {random_init:.2f}%, after 64 CLSA steps {trained:.2f}%")
     assert trained >= random_init + 1.5, (random_init, trained)
+
+
+def test_queue_is_the_same_on_every_process_and_not_rebroadcast_by_ddp():
+    """The initial queue depends on the seed alone (not on the rank-offset global
+    RNG), so the processes agree without DDP broadcasting it every step."""
+    torch.manual_seed(1)
+    a = clsa.CLSA("resnet_small", 32, 32, 16, 64, 0.99, 1, seed=3)
+    torch.manual_seed(2)
+    b = clsa.CLSA("resnet_small", 32, 32, 16, 64, 0.99, 1, seed=3)
+    c = clsa.CLSA("resnet_small", 32, 32, 16, 64, 0.99, 1, seed=4)
+    assert torch.equal(a.queue, b.queue) and not torch.equal(a.queue, c.queue)
+    torch.testing.assert_close(a.queue.norm(dim=1), torch.ones(64))
+    assert set(a._ddp_params_and_buffers_to_ignore) == {"queue", "queue_ptr"}

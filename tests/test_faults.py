@@ -344,3 +344,16 @@ def test_fp16_tolerates_a_few_overflowing_steps(monkeypatch):
     stop.nonfinite = 0
     with pytest.raises(SystemExit):
         stop.agreed(ctx, nan, 14, 0.1, Scaler(False))
+
+
+def test_a_stop_request_is_seen_at_the_next_step_in_one_process():
+    import signal
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop = common.StopSignal()
+        assert stop.pending(MAIN) is False
+        stop._handle(signal.SIGTERM, None)
+        assert stop.pending(MAIN) is True
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

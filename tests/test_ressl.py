@@ -229,9 +229,12 @@ class NoStop:
     def agreed(self, ctx, *loss_step_lr_scaler):
         return False
 
+    def pending(self, ctx):
+        return False
+
 
 def test_train_step_reads_buffer_before_enqueue_then_updates_teacher(ctx, monkeypatch):
-    """One step of train_one_epoch (Algorithm 1): every student crop's loss sees the buffer as it was
+    """One step of train_one_epoch (Algorithm 1): the student crops' loss sees the buffer as it was
     BEFORE this step's keys; afterwards the buffer holds this step's teacher embeddings and the teacher
     is m * (its old weights) + (1 - m) * (the student AFTER the optimizer step)."""
     model = small_model(queue_size=10, bn_splits=2)
@@ -251,10 +254,11 @@ def test_train_step_reads_buffer_before_enqueue_then_updates_teacher(ctx, monkey
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
     step, stats, _ = ressl.train_one_epoch(model, [(batch, None)], optimizer, ctx.grad_scaler(), lambda s: 0.5, 0, 0, 1,
                                            args, ctx, common.Progress(1, 0, 4), NoStop())
-    assert step == 1 and len(seen) == 2  # one loss per student crop
+    assert step == 1 and len(seen) == 1  # one loss call over both student crops' rows
     for queue, _ in seen:
         assert torch.equal(queue, queue0)
-    z_t = seen[0][1]
+    z_t = seen[0][1][:4]
+    assert seen[0][1].shape[0] == 8 and torch.equal(seen[0][1][4:], z_t)  # the same teacher relation for each crop
     torch.testing.assert_close(model.queue[:4], F.normalize(z_t, dim=1))
     assert torch.equal(model.queue[4:], queue0[4:]) and int(model.queue_ptr) == 4
     student = list(model.backbone.parameters()) + list(model.projector.parameters())
@@ -520,3 +524,19 @@ def test_ressl_learns_on_cifar10(cifar10_dir, tmp_path):
     random_init = random_init_knn(cifar10_dir, 5000)
     print(f"kNN top-1 on CIFAR-10: random init {random_init:.2f}%, after 78 ReSSL steps {trained:.2f}%")
     assert trained >= random_init + 2.5, (random_init, trained)
+
+
+def test_one_call_over_all_crops_equals_the_mean_of_per_crop_losses():
+    """The loop's single relational_loss over the concatenated crops (the buffer
+    normalised once per step) is the mean over crops of each crop's loss, in value
+    and gradient."""
+    torch.manual_seed(5)
+    z_s = [torch.randn(6, 8, requires_grad=True) for _ in range(3)]
+    z_t, queue = torch.randn(6, 8), torch.nn.functional.normalize(torch.randn(20, 8), dim=1)
+    one = ressl.relational_loss(torch.cat(z_s), z_t.repeat(3, 1), queue, 0.1, 0.04)
+    g_one = torch.autograd.grad(one, z_s)
+    each = sum(ressl.relational_loss(z, z_t, queue, 0.1, 0.04) for z in z_s) / 3
+    g_each = torch.autograd.grad(each, z_s)
+    torch.testing.assert_close(one, each)
+    for a, b in zip(g_one, g_each):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,135 @@
+"""tests/benchmark.py: its table rows parse, its data-wait share means what it
+says, the sync accounting of gpu-check, and gpu-check's CPU subset."""
+import argparse
+import math
+import tempfile
+import time
+import warnings
+
+import pytest
+
+import benchmark
+import common
+from conftest import run
+
+B = 8
+SMALL = ["--data", "synthetic", "--arch", "resnet_small", "--batch-size", str(B), "--workers", "0"]
+
+
+def options(**changes):
+    opts = dict(data="synthetic", data_dir="./data", arch="resnet_small", batch_size=B, workers=0, amp=None,
+                channels_last=False, steps=2, warmup=1, methods=None)
+    return argparse.Namespace(**{**opts, **changes})
+
+
+def test_methods_prints_one_parsable_row_per_method(capsys):
+    benchmark.main(["methods", *SMALL, "--steps", "1", "--warmup", "1", "--methods", "simclr", "aag"])
+    lines = capsys.readouterr().out.splitlines()
+    header = lines.index(benchmark.HEADER)
+    assert set(lines[header + 1]) == {"|", "-"}
+    rows = [benchmark.parse_row(line) for line in lines[header + 2:] if line.startswith("|")]
+    assert [r["name"] for r in rows] == [f"SimCLR (B={B})", f"AAG (B={B})"]
+    assert [(r["views"], r["pixels_per_view"], r["expected"]) for r in rows] == [(2, 1024, 1.0), (3, 1024, 1.5)]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["compute_images_per_s"] > 0 and r["peak_gib"] > 0
+        assert 0 <= r["wait_share"] <= 1
+        # images/s is printed rounded to a whole number: allow for that
+        assert r["epoch_s"] == pytest.approx(50_000 / r["images_per_s"], rel=0.6 / r["images_per_s"] + 0.01)
+    assert rows[0]["cost"] == 1.0 and rows[1]["cost"] > 0
+
+
+class Sleepy:
+    """A view transform that first sleeps: a loader made artificially slow."""
+
+    def __init__(self, transform, seconds):
+        self.transform, self.seconds = transform, seconds
+
+    def __call__(self, img):
+        time.sleep(self.seconds)
+        return self.transform(img)
+
+
+def test_data_wait_share_rises_when_the_loader_is_slow(monkeypatch):
+    fast = benchmark.measure("simclr", options())
+    original = common.train_loader
+    monkeypatch.setattr(common, "train_loader",
+                        lambda ds, transform, *a, **k: original(ds, Sleepy(transform, 0.08), *a, **k))
+    slow = benchmark.measure("simclr", options())
+    for r in (fast, slow):
+        assert 0 <= r["wait_share"] <= 1
+    # B images x 80 ms per batch, all of it spent inside next() with no loader workers
+    assert slow["wait_share"] > fast["wait_share"] + 0.1, (fast, slow)
+    timed_wall = 2 * B / slow["images_per_s"]  # 2 timed steps of B images
+    assert slow["wait_share"] * timed_wall >= 2 * B * 0.08 * 0.9
+
+
+def test_the_compute_alone_never_waits_for_data(monkeypatch):
+    """The compute-only pass repeats a batch already on the device: its next() is instant."""
+    record, compute = benchmark.Record(1), benchmark.Record(1, steps=2)
+    original = common.train_loader
+    monkeypatch.setattr(common, "train_loader",
+                        lambda ds, transform, *a, **k: original(ds, Sleepy(transform, 0.02), *a, **k))
+    with tempfile.TemporaryDirectory() as out:
+        benchmark.run_method("simclr", [*SMALL, "--max-steps", "3", "--log-every", "100", "--resume", "none"], out,
+                             record, compute)
+    assert record.measured == compute.measured == 2
+    assert record.wait >= 2 * B * 0.02 * 0.9
+    assert compute.wait < 0.05 * compute.wall
+
+
+def test_sync_accounting():
+    # steps 1..8, logging every 4: the log steps are 4 and 8 (and stop_at)
+    owners = [None, 1, 4, 8, 3, 6]
+    files = ["common.py", "grad_scaler.py", "simclr.py", "simclr.py", "simclr.py", "grad_scaler.py"]
+    assert benchmark.unexpected_syncs(owners, files, stop_at=8, log_every=4, fp16=True) == [(3, "simclr.py")]
+    assert benchmark.unexpected_syncs(owners, files, stop_at=8, log_every=4, fp16=False) == \
+        [(1, "grad_scaler.py"), (3, "simclr.py"), (6, "grad_scaler.py")]
+    assert benchmark.unexpected_syncs([7], ["simclr.py"], stop_at=7, log_every=4, fp16=False) == []
+
+
+def test_warnings_are_attributed_to_the_loop_step_they_happen_in():
+    """A loop that warns in the body of step 12 and after the loop: owners 12 and None."""
+
+    class Loader:
+        sampler = None
+
+        def __iter__(self):
+            return iter([1, 2, 3])
+
+    def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_at, args, ctx, progress, stop):
+        for _ in loader:
+            step += 1
+            if step == 12:
+                warnings.warn("in the body")
+            if step >= stop_at:
+                break
+        warnings.warn("after the loop")
+        return step, {}, False
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = benchmark.Record(0, timing=False, caught=caught)
+        wrapped = benchmark.instrument(train_one_epoch, record)
+        assert wrapped(None, Loader(), None, None, None, 0, 10, 13, None, None, None, None)[0] == 13
+    assert [str(w.message) for w in caught] == ["in the body", "after the loop"]
+    assert record.owner == [12, None]
+
+
+def test_gpu_check_on_the_cpu_runs_its_subset_and_exits_0():
+    proc = run(["tests/benchmark.py", "gpu-check", "--methods", "simclr", *SMALL, "--check-batch", str(B),
+                "--check-steps", "3", "--check-log-every", "2"], timeout=300)
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("no CUDA device") and len(lines[0]) < 200
+    assert any(line.startswith("PASS  SimCLR bf16 + channels-last: losses finite") for line in lines)
+    assert any(line.startswith("PASS") and "resumed from its checkpoint at step 3" in line for line in lines)
+    assert not any(line.startswith("FAIL") for line in lines) and lines[-1] == "gpu-check: all PASS"
+
+
+def test_gpu_check_exits_1_on_a_fail(monkeypatch, capsys):
+    real = benchmark.read_log
+    monkeypatch.setattr(benchmark, "read_log", lambda out: [dict(r, loss=math.nan) for r in real(out)])
+    opts = options(methods=["simclr"], check_batch=B, check_steps=2, check_log_every=2, no_table=True)
+    assert benchmark.gpu_check(opts) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  SimCLR bf16 + channels-last: losses finite (nan)" in out
+    assert out.endswith(" FAIL\n") and "PASS" not in out  # the resume's losses are read through the same log

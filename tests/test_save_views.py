@@ -1,0 +1,146 @@
+"""--save-views: each script draws the first images and their views at epoch 0
+into one PNG grid and exits without training. The grid's cells are checked
+against the tensors the training loader itself yields for those images."""
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+
+PAD = 2  # make_grid's padding around every cell
+SMALL = ["--data", "synthetic", "--arch", "resnet_small", "--workers", "0", "--subset", "64", "--batch-size", "64",
+         "--seed", "3"]
+
+# (method, extra flags, cell side, column names after "original")
+CASES = {
+    "simclr": ("simclr", [], 32, ["t(x)", "t'(x)"]),
+    "aag": ("aag", [], 32, ["g_basic1(d)", "g_basic2(d)", "g_aux(d)"]),
+    "aag-no-aux": ("aag", ["--aux-policy", "none"], 32, ["g_basic1(d)", "g_basic2(d)"]),
+    "clsa-single": ("clsa", [], 32, ["key T(x)", "weak T'(x) 32px", "strong S(x) 32px"]),
+    "clsa-multi": ("clsa", ["--image-size", "48", "--weak-sizes", "48", "32", "--strong-sizes", "48", "32", "16"], 48,
+                   ["key T(x)", "weak T'(x) 48px", "weak T'(x) 32px", "strong S(x) 48px", "strong S(x) 32px",
+                    "strong S(x) 16px"]),
+    "clsa-mocov2": ("clsa", ["--variant", "mocov2"], 32, ["key T(x)", "weak T'(x) 32px"]),
+    "clsa-strong-query-key": ("clsa", ["--variant", "strong-query-key"], 32, ["key S(T(x))", "strong S(x) 32px"]),
+    "ressl-multicrop": ("ressl", ["--student-crops", "32", "16"], 32,
+                        ["teacher T_w(x)", "student T_s(x) 32px", "student T_s(x) 16px"]),
+    "dssl": ("dssl", [], 32, ["v", "v'", "t^(v)", "t^(v')"]),
+    "dssl-heavy-off": ("dssl", ["--heavy", "off"], 32, ["v", "v'"]),
+}
+
+
+@pytest.fixture
+def keep_rng():
+    """main() seeds the global RNG (common.setup): restored after."""
+    state = torch.get_rng_state()
+    yield
+    torch.set_rng_state(state)
+
+
+def cell(grid, row, col, side):
+    top, left = PAD + row * (side + PAD), PAD + col * (side + PAD)
+    return grid[:, top:top + side, left:left + side]
+
+
+def centre(x, side):
+    """The [3, h, w] view inside its padded cell of `side`."""
+    h, w = x.shape[1:]
+    top, left = (side - h) // 2, (side - w) // 2
+    return (slice(None), slice(top, top + h), slice(left, left + w))
+
+
+def epoch0_views(module, argv, n):
+    """{index: list of view tensors} for images 0..n-1, read from the real
+    training loader at epoch 0 (one batch holds all 64 images, shuffled)."""
+    args = module.get_args(argv)
+    ctx = common.setup(args)
+    ds = common.load_data(args, ctx)[0]
+    views_cls = next(getattr(module, k) for k in dir(module) if k.endswith("Views"))
+    loader, sampler = common.train_loader(ds, views_cls(args), args.batch_size, 0, args.seed, ctx)
+    sampler.set_epoch(0)
+    order = [i for i, _ in sampler]
+    (batch, _), = list(loader)
+    return {i: [v[order.index(i)] for v in batch] for i in range(n)}, ds
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_grid_is_what_training_sees(case, tmp_path, capsys, keep_rng):
+    method, extra, side, names = CASES[case]
+    module = importlib.import_module(method)
+    png, out, n = tmp_path / "views.png", tmp_path / "out", 5
+    argv = [*SMALL, *extra, "--out", str(out)]
+    module.main([*argv, "--save-views", str(png), "--save-views-n", str(n)])
+
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"{method} views: " + " | ".join(["original", *names]) + "  (")
+    assert "padded" in line and "resized" in line and str(png) in line
+    assert not out.exists()  # no training, --out untouched
+
+    cols = 1 + len(names)
+    img = Image.open(png)
+    assert img.format == "PNG" and img.mode == "RGB"
+    assert img.size == (cols * (side + PAD) + PAD, n * (side + PAD) + PAD)
+    grid = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+    expected, ds = epoch0_views(module, argv, n)
+    for i in range(n):
+        original = torch.from_numpy(np.array(ds[i][0].convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(cell(grid, i, 0, side), original)  # synthetic images are drawn at --image-size
+        assert len(expected[i]) == len(names)
+        for j, v in enumerate(expected[i]):
+            c = cell(grid, i, j + 1, side)
+            assert torch.equal(c[centre(v, side)], v), f"{case}: image {i}, column {names[j]}"
+            if v.shape[1] < side:  # smaller views are padded on grey, not upscaled
+                rest = c.clone()
+                rest[centre(v, side)] = 128
+                assert (rest == 128).all()
+
+
+def test_views_differ_from_another_seed(tmp_path, capsys, keep_rng):
+    """The seeds matter: --seed changes the picture, so the equality above is not vacuous."""
+    import simclr
+    grids = []
+    for seed in ("3", "4"):
+        png = tmp_path / f"s{seed}.png"
+        simclr.main([*SMALL[:-1], seed, "--save-views", str(png), "--save-views-n", "2", "--out", str(tmp_path / "o")])
+        grids.append(np.array(Image.open(png)))
+    assert grids[0].shape == grids[1].shape
+    assert not np.array_equal(grids[0][:, 34:], grids[1][:, 34:])  # the views differ ...
+    assert np.array_equal(grids[0][:, :34], grids[1][:, :34])      # ... the originals do not
+
+
+def test_original_resized_to_cell(cifar10_dir, tmp_path, capsys, keep_rng):
+    """Real CIFAR-10 at --image-size 16: 32 px originals are shrunk into the 16 px cells."""
+    import dssl
+    png = tmp_path / "c.png"
+    dssl.main(["--data", "cifar10", "--data-dir", cifar10_dir, "--no-download", "--arch", "resnet_small",
+               "--workers", "0", "--image-size", "16", "--subset", "512", "--batch-size", "256",
+               "--save-views", str(png), "--save-views-n", "3", "--out", str(tmp_path / "o")])
+    assert "16 px cells" in capsys.readouterr().out
+    img = Image.open(png)
+    assert img.size == (5 * 18 + 2, 3 * 18 + 2)
+    ds = common.dataset("cifar10", cifar10_dir, True, False)
+    small = np.array(ds[0][0].resize((16, 16), Image.BICUBIC)).astype(int)
+    assert np.abs(np.array(img)[2:18, 2:18].astype(int) - small).max() <= 1
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--save-views-n", "0"], "at least 1"),
+    (["--save-views-n", "65"], "more than the 64 images"),
+    (["--save-views", "{tmp}/missing/v.png"], "does not exist"),
+    (["--save-views", "{tmp}/v.jpg"], "ending in .png"),
+])
+def test_bad_input_is_one_line(flags, words, tmp_path, capsys, keep_rng):
+    import ressl
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    if "--save-views" not in flags:
+        flags += ["--save-views", str(tmp_path / "v.png")]
+    with pytest.raises(SystemExit) as e:
+        ressl.main([*SMALL, "--out", str(tmp_path / "o"), *flags])
+    assert e.value.code == common.USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and words in err[0]
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -1,0 +1,198 @@
+"""Large runs: the sharded evaluation (the training features never gathered),
+resume agreement over processes with node-local --out folders, one download per
+node, loader workers from the CPU affinity, the ETA past a day, and a CUDA
+out-of-memory turned into one line."""
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+import common
+import evaluate
+from conftest import run, torchrun
+
+CHECK = "tests/scale_dist_check.py"
+TINY = ["--data", "synthetic", "--arch", "resnet_small", "--workers", "0", "--batch-size", "16", "--subset", "64",
+        "--knn-every", "0", "--log-every", "1"]
+
+
+def markers(proc):
+    """{check name: "OK" or "FAIL reason"} from the `SCALE <name> OK|FAIL ...` lines; DONE last."""
+    found = {}
+    for line in proc.stdout.splitlines():
+        body = line[len("SCALE "):] if line.startswith("SCALE ") else None
+        if body == "DONE" or (body and body.endswith(" OK")):
+            found[body[:-3] if body != "DONE" else body] = "OK"
+        elif body and " FAIL " in body:
+            name, _, reason = body.partition(" FAIL ")
+            found[name] = "FAIL " + reason
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Sharded kNN and probe (2 gloo processes) against one process holding everything
+# ---------------------------------------------------------------------------
+
+def test_sharded_knn_and_probe_equal_the_unsharded_ones_two_processes():
+    proc = torchrun(2, [CHECK, "eval"])
+    got = markers(proc)
+    assert "DONE" in got, proc.stdout
+    names = [f"knn k={k} t={t}" for k in (1, 5, 15, 40) for t in (0.07, 1.0)] + ["knn_top1", "probe sgd", "probe adam",
+                                                                                  "extract shard"]
+    for name in names:
+        assert got.get(name) == "OK", f"{name}: {got.get(name)}"
+
+
+def test_knn_chunks_over_the_bank_give_the_same_neighbours():
+    torch.manual_seed(0)
+    train, test = torch.randn(50, 8), torch.randn(13, 8)
+    y = torch.randint(0, 4, (50,))
+    whole = common.knn_predict(test, train, y, 4, k=9, t=0.2, normalize=True, bank_chunk=1000)
+    for bank_chunk in (1, 4, 9, 49):
+        assert torch.equal(common.knn_predict(test, train, y, 4, k=9, t=0.2, normalize=True, bank_chunk=bank_chunk), whole)
+    # normalize=True is the same as normalising first (the old contract)
+    normed = common.knn_predict(torch.nn.functional.normalize(test, dim=1), torch.nn.functional.normalize(train, dim=1),
+                                y, 4, k=9, t=0.2)
+    assert torch.equal(normed, whole)
+
+
+def test_probe_standardises_without_a_copy_and_matches_torch_std():
+    f = torch.randn(300, 5) * torch.tensor([1.0, 10.0, 0.1, 3.0, 1.0]) + 7
+    mean, std = common._feature_stats(f, len(f), chunk=7)
+    torch.testing.assert_close(mean, f.mean(0))
+    torch.testing.assert_close(std, f.std(0) + 1e-6)
+
+
+def test_linear_aug_never_extracts_the_training_features(monkeypatch, tmp_path):
+    seen = []
+    real = common.extract_features
+
+    def spy(backbone, ds, *a, **kw):
+        seen.append(len(ds))
+        return real(backbone, ds, *a, **kw)
+
+    monkeypatch.setattr(common, "extract_features", spy)
+    evaluate.main(["--random-init", "--arch", "resnet_small", "--data", "synthetic", "--subset", "24", "--workers", "0",
+                   "--no-knn", "--linear-aug", "--linear-epochs", "1", "--linear-batch-size", "8", "--json", str(tmp_path / "r.json")])
+    test_size = len(common.dataset("synthetic", ".", False))
+    assert seen == [test_size]  # the test set only: the probe reads the 24 training images itself
+
+
+# ---------------------------------------------------------------------------
+# Resume: every process from the same checkpoint, or one line naming the node
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two 2-step runs that differ only by --seed: same step, different weights."""
+    root = tmp_path_factory.mktemp("resume")
+    run(["simclr.py", *TINY, "--max-steps", "2", "--out", str(root / "a")])
+    run(["simclr.py", *TINY, "--max-steps", "2", "--seed", "1", "--out", str(root / "c")])
+    return root
+
+
+def refused(proc):
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert not re.search(r"^\[rank\d\]: Traceback", proc.stderr, re.M), proc.stderr[-3000:]
+    return errors[0]
+
+
+def test_resume_refuses_when_a_node_has_no_checkpoint_two_processes(checkpoints, tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = torchrun(2, [CHECK, "resume", str(checkpoints / "a"), str(tmp_path / "empty"), *TINY, "--max-steps", "4"],
+                    check=False)
+    line = refused(proc)
+    assert f"rank 1 on node {os.uname().nodename}" in line and "step 0" in line and "from step 2" in line, line
+    assert not (tmp_path / "empty" / "last.pt").exists()
+
+
+def test_resume_refuses_a_different_checkpoint_at_the_same_step_two_processes(checkpoints):
+    proc = torchrun(2, [CHECK, "resume", str(checkpoints / "a"), str(checkpoints / "c"), *TINY, "--max-steps", "4"],
+                    check=False)
+    assert "a different checkpoint at the same step" in refused(proc)
+
+
+def test_resume_with_the_same_checkpoint_on_every_node_continues_two_processes(checkpoints, tmp_path):
+    for name in ("r0", "r1"):
+        shutil.copytree(checkpoints / "a", tmp_path / name)
+    proc = torchrun(2, [CHECK, "resume", str(tmp_path / "r0"), str(tmp_path / "r1"), *TINY, "--max-steps", "4"])
+    assert "from step 2" in proc.stdout and re.search(r"\bstep 4/", proc.stdout), proc.stdout
+    assert torch.load(tmp_path / "r0" / "last.pt", weights_only=True)["step"] == 4
+
+
+# ---------------------------------------------------------------------------
+# Data: one download per node; loader workers from the affinity
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("nodes", ["one-node", "two-nodes"])
+def test_rank_0_reads_and_downloads_before_the_others_two_processes(tmp_path, nodes):
+    log = tmp_path / "log"
+    torchrun(2, [CHECK, "load", str(log), nodes])
+    events = [line.split() for line in log.read_text().splitlines()]
+    end0 = max(float(t) for what, rank, t in events if rank == "0" and what == "end")
+    start1 = min(float(t) for what, rank, t in events if rank == "1" and what == "start")
+    assert len(events) == 8 and start1 >= end0, events
+
+
+def test_workers_default_is_the_affinity_shared_by_the_local_processes(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert common.default_workers() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert common.default_workers() == 3
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert common.default_workers() == 12
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert common.default_workers() == 1  # never 0
+
+
+def test_train_loader_keeps_two_batches_per_worker_in_flight(ctx):
+    loader, _ = common.train_loader(common._synthetic(True, 32, n=8), common.to_tensor, 4, 1, 0, ctx)
+    assert loader.prefetch_factor == 2
+
+
+# ---------------------------------------------------------------------------
+# Small ones
+# ---------------------------------------------------------------------------
+
+def test_eta_shows_days_past_24_hours():
+    assert common.duration(3 * 3600 + 4 * 60 + 5) == "03:04:05"
+    assert common.duration(86400 + 3 * 3600 + 4 * 60 + 5) == "1d 03:04:05"
+    assert common.duration(12 * 86400) == "12d 00:00:00"
+    progress = common.Progress(total_steps=10**6, start_step=0, global_batch=1)
+    progress.t0 -= 10  # 10 s for 1 step: 10^6 steps left take 115 days
+    assert re.search(r"eta 115d \d\d:\d\d:\d\d", progress.line(0, 1, 1, 0.0, 0.1))
+
+
+def test_cuda_out_of_memory_ends_in_one_line_with_the_batch_per_gpu():
+    script = ("import argparse, torch, common\n"
+              "common.setup(argparse.Namespace(method='simclr', batch_size=4096, amp='off', seed=0))\n"
+              "raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')\n")
+    proc = run(["-c", script], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: CUDA out of memory at 4096 images per GPU (--batch-size 4096 over 1 process(es)), --amp off: lower "
+        "--batch-size, or use --amp bf16 (fp16 before Ampere); more GPUs keep the global batch at a smaller per-GPU "
+        "share (README: memory per GPU)"]
+    other = run(["-c", "import argparse, common\ncommon.setup(argparse.Namespace(seed=0))\nraise ValueError('x')\n"],
+                check=False)
+    assert other.returncode == 1 and "Traceback" in other.stderr and "ValueError: x" in other.stderr
+
+
+def test_evaluate_under_torchrun_scores_as_one_process(tmp_path):
+    """evaluate.py with the training features in 2 shards: the same kNN and (up to
+    float rounding in the summed gradients) the same probe as one process."""
+    flags = ["evaluate.py", "--random-init", "--arch", "resnet_small", "--data", "synthetic", "--subset", "96",
+             "--workers", "0", "--linear-epochs", "3", "--linear-batch-size", "32", "--knn-k", "20"]
+    torchrun(2, [*flags, "--json", str(tmp_path / "two.json")])
+    run([*flags, "--json", str(tmp_path / "one.json")])
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert two["train_images"] == one["train_images"] == 96
+    assert two["knn_top1"] == one["knn_top1"]
+    assert two["linear_top1"] == pytest.approx(one["linear_top1"], abs=0.5)
+    assert one["linear_top1"] > 20  # 10 classes: the probe learned something
