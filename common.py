@@ -1215,7 +1215,11 @@ def choose_amp(amp, device, warn=True):
 
 
 def teardown():
+    """Leave the process group together: a rank that tears down while another
+    is still busy (rank 0 writing the last checkpoint) can abort in gloo's
+    connection threads at exit."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
