@@ -85,7 +85,6 @@ nonneg_int = _number(int, lambda v: v >= 0, "0 or more")
 positive_float = _number(float, lambda v: v > 0, "greater than 0")
 nonneg_float = _number(float, lambda v: v >= 0, "0 or more")
 probability = _number(float, lambda v: 0 <= v <= 1, "between 0 and 1")
-momentum_float = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def add_base_args(parser):
@@ -145,12 +144,7 @@ def finish_args(args, method, recipes):
         args.workers = default_workers()
     if args.out is None:
         args.out = os.path.join("runs", f"{method}-{args.data}")
-    for name in ("epochs", "batch_size", "image_size", "log_every"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}", USAGE)
-    for name in ("subset", "max_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}", USAGE)
+    # --epochs, --batch-size and the other counts are checked by their argparse types.
     if args.image_size < 16:
         fail(f"--image-size {args.image_size} is too small for a ResNet; use at least 16", USAGE)
     return args
@@ -1433,15 +1427,11 @@ def scaler_step(scaler, optimizer):
     epoch record counts them (`skipped_steps` in log.jsonl)."""
     if not scaler.is_enabled():
         optimizer.step()
-        return torch.zeros((), device=next(iter(_params(optimizer))).device)
+        return torch.zeros((), device=next(p for g in optimizer.param_groups for p in g["params"]).device)
     before = scaler._scale.clone()  # AMP: GradScaler keeps its scale as a device tensor
     scaler.step(optimizer)
     scaler.update()
     return (scaler._scale < before).float().squeeze()
-
-
-def _params(optimizer):
-    return (p for group in optimizer.param_groups for p in group["params"])
 
 
 def lr_at(step, total_steps, warmup_steps, base_lr, final_lr=0.0):
@@ -1493,8 +1483,6 @@ def remove_stale_temporaries(folder):
 
 
 def _alive(pid):
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -1654,11 +1642,7 @@ def lock_out(folder):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                with open(path) as f:
-                    pid, _, host = f.read().strip().partition(" ")
-            except OSError:
-                pid, host = "", ""
+            pid, _, host = _read(path).partition(" ")
             if pid.isdigit() and int(pid) != os.getpid() and (host != os.uname().nodename or _alive(int(pid))):
                 fail(f"another run (process {pid}{' on ' + host if host else ''}) is writing to {folder}; "
                      f"wait for it, stop it, or pass another --out", RUNTIME)

@@ -32,6 +32,21 @@ def torchrun(nproc, args, timeout=600, check=True):
                timeout=timeout, check=check)
 
 
+def single_error_line(capsys):
+    """What the code under test printed to stderr: exactly one line starting with 'error: ' (returned)."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err.strip()
+
+
+def error_line(capsys, fn, code):
+    """fn() must end with SystemExit(code) after printing one 'error: ' line; returns that line."""
+    with pytest.raises(SystemExit) as e:
+        fn()
+    assert e.value.code == code
+    return single_error_line(capsys)
+
+
 @pytest.fixture
 def cifar10_dir():
     """Folder holding the real cifar-10-batches-py: $SSL_DATA_DIR or ./data.

@@ -15,13 +15,7 @@ import torch.nn as nn
 
 import common
 import simclr
-from conftest import run
-
-
-def one_error_line(capsys):
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: "), err
-    return err
+from conftest import error_line, run, single_error_line
 
 
 def digest(folder):
@@ -44,7 +38,7 @@ def test_random_bytes_as_a_cifar_batch_end_in_one_line(tmp_path, capsys):
             common._unpickle(str(path))
         except SystemExit as e:
             assert e.code == common.RUNTIME
-            assert str(path) in one_error_line(capsys)
+            assert str(path) in single_error_line(capsys)
         else:
             capsys.readouterr()  # a few random files are valid pickles of small values; the shape check refuses those
 
@@ -62,10 +56,7 @@ def test_a_hostile_cifar_batch_is_refused_without_running_it(tmp_path, capsys):
     EXPLOIT_MARKER = str(tmp_path / "pwned")
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({"data": Exploit(), "labels": [0]}, protocol=2))
-    with pytest.raises(SystemExit) as e:
-        common._unpickle(str(path))
-    assert e.value.code == common.RUNTIME
-    err = one_error_line(capsys)
+    err = error_line(capsys, lambda: common._unpickle(str(path)), common.RUNTIME)
     assert "system" in err and str(path) in err
     assert not os.path.exists(EXPLOIT_MARKER)
     # What a real batch holds still loads: str and bytes keys, numpy arrays, lists.
@@ -115,10 +106,7 @@ def test_a_broken_image_in_a_folder_ends_in_one_line_and_keeps_the_checkpoint(tm
     ("--log-every", "0"), ("--subset", "0"), ("--image-size", "x"), ("--lr", "inf"),
 ])
 def test_impossible_shared_numbers_are_refused(capsys, flag, value):
-    with pytest.raises(SystemExit) as e:
-        simclr.get_args([flag, value])
-    assert e.value.code == common.USAGE
-    assert flag in one_error_line(capsys)
+    assert flag in error_line(capsys, lambda: simclr.get_args([flag, value]), common.USAGE)
 
 
 def test_possible_edge_numbers_are_accepted():
@@ -140,12 +128,9 @@ MAIN = common.Context(0, 1, 0, torch.device("cpu"), None)
 def test_out_that_is_a_file_or_cannot_be_made(tmp_path, capsys):
     f = tmp_path / "a_file"
     f.write_text("keep me")
-    with pytest.raises(SystemExit) as e:
-        common.start_run(out_args(f), MAIN)
-    assert e.value.code == common.USAGE and "is a file" in one_error_line(capsys)
-    with pytest.raises(SystemExit) as e:
-        common.start_run(out_args(f / "run"), MAIN)  # a folder below a file cannot be created
-    assert e.value.code == common.RUNTIME and "cannot write" in one_error_line(capsys)
+    assert "is a file" in error_line(capsys, lambda: common.start_run(out_args(f), MAIN), common.USAGE)
+    # A folder below a file cannot be created.
+    assert "cannot write" in error_line(capsys, lambda: common.start_run(out_args(f / "run"), MAIN), common.RUNTIME)
     assert f.read_text() == "keep me"
 
 
@@ -159,10 +144,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_no_temporary(tmp_path, caps
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(SystemExit) as e:
-        common.save_atomic({"step": 2}, str(path))
-    assert e.value.code == common.RUNTIME
-    err = one_error_line(capsys)
+    err = error_line(capsys, lambda: common.save_atomic({"step": 2}, str(path)), common.RUNTIME)
     assert "disk is full" in err and "previous one is kept" in err
     assert path.read_bytes() == good
     assert os.listdir(tmp_path) == ["last.pt"]
@@ -174,9 +156,8 @@ def test_torch_reporting_a_failed_write_as_runtime_error(tmp_path, capsys, monke
                            "file write failed")
 
     monkeypatch.setattr(torch, "save", failing)
-    with pytest.raises(SystemExit):
-        common.save_atomic({"step": 2}, str(tmp_path / "last.pt"))
-    assert "could not write" in one_error_line(capsys)
+    assert "could not write" in error_line(capsys, lambda: common.save_atomic({"step": 2}, str(tmp_path / "last.pt")),
+                                           common.RUNTIME)
     assert os.listdir(tmp_path) == []
 
 
@@ -200,10 +181,8 @@ def test_a_second_live_run_on_the_same_out_is_refused(tmp_path, capsys):
     (tmp_path / "run.lock").write_text(f"{os.getppid()} {os.uname().nodename}")
     (tmp_path / "log.jsonl").write_text("{}\n")
     before = digest(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        common.start_run(out_args(tmp_path), MAIN)
-    assert e.value.code == common.RUNTIME
-    assert f"process {os.getppid()}" in one_error_line(capsys)
+    assert f"process {os.getppid()}" in error_line(capsys, lambda: common.start_run(out_args(tmp_path), MAIN),
+                                                   common.RUNTIME)
     assert digest(tmp_path) == before
     # A lock whose process is gone is taken over.
     (tmp_path / "run.lock").write_text(f"{dead_pid()} {os.uname().nodename}")
@@ -266,10 +245,8 @@ def test_resuming_from_a_bare_backbone_says_what_to_pass(tmp_path, capsys):
     torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "backbone.pt")
     args = resume_args(tmp_path, resume=str(tmp_path / "backbone.pt"))
     model = nn.Linear(2, 2)
-    with pytest.raises(SystemExit) as e:
-        common.resume(args, model, torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False))
-    assert e.value.code == common.USAGE
-    err = one_error_line(capsys)
+    err = error_line(capsys, lambda: common.resume(args, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                   torch.amp.GradScaler("cpu", enabled=False)), common.USAGE)
     assert "bare backbone" in err and "last.pt" in err
 
 
@@ -278,11 +255,8 @@ def test_a_checkpoint_with_other_shapes_names_the_flag_that_differs(tmp_path, ca
     opt, scaler = torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False)
     common.save_run(resume_args(tmp_path), model, model, opt, scaler, step=3, epoch=0)
     other = nn.Linear(4, 64)
-    with pytest.raises(SystemExit) as e:
-        common.resume(resume_args(tmp_path, proj_dim=64, epochs=20), other,
-                      torch.optim.SGD(other.parameters(), lr=0.1), scaler)
-    assert e.value.code == common.RUNTIME
-    err = one_error_line(capsys)
+    err = error_line(capsys, lambda: common.resume(resume_args(tmp_path, proj_dim=64, epochs=20), other,
+                                                   torch.optim.SGD(other.parameters(), lr=0.1), scaler), common.RUNTIME)
     assert "--proj-dim 128 (now 64)" in err and "--epochs" not in err
 
 
@@ -295,10 +269,7 @@ def test_a_checkpoint_with_other_shapes_names_the_flag_that_differs(tmp_path, ca
 def test_impossible_method_numbers_are_refused(capsys, script, flag, value):
     module = __import__(script)
     argv = [flag, value] + (["0", "0", "0"] if flag == "--weights" else [])
-    with pytest.raises(SystemExit) as e:
-        (module.get_args if hasattr(module, "get_args") else module.parse_args)(argv)
-    assert e.value.code == common.USAGE
-    assert flag in one_error_line(capsys)
+    assert flag in error_line(capsys, lambda: module.get_args(argv), common.USAGE)
 
 
 def test_a_diverging_run_stops_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import common
-from conftest import run, torchrun
+from conftest import error_line, run, torchrun
 
 
 def write_images(folder, n, exts=("png",), size=(40, 36), seed=0):
@@ -31,14 +31,6 @@ def labelled_tree(root, classes=("cat", "dog"), n=4, val=True):
         if val:
             write_images(os.path.join(root, "val", c), 2, seed=1)
     return str(root)
-
-
-def one_error_line(capsys, fn):
-    with pytest.raises(SystemExit) as e:
-        fn()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == common.RUNTIME and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 # ---------------------------------------------------------------------------
@@ -117,7 +109,7 @@ def test_bad_trees_end_in_one_line(tmp_path, capsys, case):
         labelled_tree(tmp_path, val=False)
         write_images(tmp_path / "val", 2)
         expect = "val/<class>/<image>"
-    line = one_error_line(capsys, lambda: [common.dataset("folder", root, t) for t in (True, False)])
+    line = error_line(capsys, lambda: [common.dataset("folder", root, t) for t in (True, False)], common.RUNTIME)
     assert expect in line, line
 
 
@@ -129,7 +121,7 @@ def test_unreadable_image_in_an_unlabelled_tree_names_the_file(tmp_path, capsys)
     ctx = common.Context(0, 1, 0, torch.device("cpu"), None)
     tf = lambda img: common.to_tensor(img.resize((8, 8)))
     loader, sampler = common.train_loader(ds, tf, 8, 0, 0, ctx)
-    line = one_error_line(capsys, lambda: [None for _ in loader])
+    line = error_line(capsys, lambda: [None for _ in loader], common.RUNTIME)
     assert str(bad) in line and "not a readable image" in line
 
 

@@ -17,7 +17,7 @@ import aag
 import common
 import evaluate
 import simclr
-from conftest import run
+from conftest import error_line, run
 
 SMOKE = ["--data", "synthetic", "--workers", "0", "--subset", "64", "--batch-size", "32", "--log-every", "1"]
 
@@ -29,15 +29,6 @@ def header_lr(proc):
 
 def first_loss(proc):
     return float(re.search(r"step 1/\d+\s+loss ([0-9.]+)", proc.stdout).group(1))
-
-
-def one_error_line(capsys, fn):
-    with pytest.raises(SystemExit) as exc:
-        fn()
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1
-    return err
 
 
 # ---------------------------------------------------------------------------
@@ -105,7 +96,7 @@ def test_aag_schedule_and_monitor_defaults(capsys):
              and any(isinstance(u, T.GaussianBlur) for u in t.transforms)]
     assert len(blurs) == 1 and blurs[0].p == 0.5 and tuple(blurs[0].transforms[0].kernel_size) == (3, 3)
     assert aag.get_args(["--schedule", "step", "--milestones", "50", "150"]).milestones == [50, 150]
-    one_error_line(capsys, lambda: aag.get_args(["--schedule", "step", "--epochs", "100"]))
+    error_line(capsys, lambda: aag.get_args(["--schedule", "step", "--epochs", "100"]), common.USAGE)
 
 
 def test_aag_step_schedule_values():
@@ -135,7 +126,7 @@ def test_alexnet_shapes_and_layers(capsys):
     assert net.features(x).shape == (3, 256, 4, 4)
     assert net(x).shape == (3, 1024)
     assert common.resnet("alexnet", 64)[0](torch.randn(2, 3, 64, 64)).shape == (2, 1024)
-    one_error_line(capsys, lambda: common.resnet("alexnet", 96))
+    error_line(capsys, lambda: common.resnet("alexnet", 96), common.USAGE)
 
 
 @pytest.fixture(scope="module")
@@ -194,9 +185,9 @@ def test_embedding_features_are_head_of_backbone(run_name, request):
 
 def test_embedding_refused_without_a_head(simclr_bn, capsys):
     """backbone.pt holds no head, --random-init has none: one error line each."""
-    one_error_line(capsys, lambda: evaluate.load_backbone(eval_args(simclr_bn / "backbone.pt", "embedding")))
-    one_error_line(capsys, lambda: evaluate.get_args(["--random-init", "--arch", "resnet_small", "--data", "synthetic",
-                                                      "--features", "embedding"]))
+    error_line(capsys, lambda: evaluate.load_backbone(eval_args(simclr_bn / "backbone.pt", "embedding")), common.USAGE)
+    error_line(capsys, lambda: evaluate.get_args(["--random-init", "--arch", "resnet_small", "--data", "synthetic",
+                                                  "--features", "embedding"]), common.USAGE)
 
 
 def build_from_args(module_name):
@@ -248,5 +239,5 @@ def test_linear_crop_scale_reaches_the_probe(monkeypatch, ctx, capsys):
     with pytest.raises(StopIteration):
         evaluate.linear_with_aug(nn.Identity(), 3, None, None, None, 10, args, ctx)
     assert isinstance(seen["crop"], T.RandomResizedCrop) and tuple(seen["crop"].scale) == (0.8, 1.0)
-    one_error_line(capsys, lambda: evaluate.get_args(["--random-init", "--arch", "resnet_small", "--data", "synthetic",
-                                                      "--linear-crop-scale", "0.9", "0.2"]))
+    error_line(capsys, lambda: evaluate.get_args(["--random-init", "--arch", "resnet_small", "--data", "synthetic",
+                                                  "--linear-crop-scale", "0.9", "0.2"]), common.USAGE)
