@@ -346,9 +346,9 @@ class CLSA(nn.Module):
         qs = [self.projector(self.backbone(x)) for x in xs_q]
         with torch.no_grad():
             self.momentum_update()  # before the keys, as MoCo
-            # DDP: shuffle-BN (MoCo Sec. 3.3): the key batch is permuted across all
-            # processes (an all-gather of the images), so a key's BN statistics come
-            # from other images than its query's; in one process, with split BN.
+            # DDP: shuffle-BN (MoCo Sec. 3.3): the key batch is permuted across all processes
+            # (one all_to_all of the images that change process), so a key's BN statistics
+            # come from other images than its query's; in one process, with split BN.
             x_k, unshuffle = common.batch_shuffle(x_k, shuffle_seed)
             k = F.normalize(self.projector_k(self.backbone_k(x_k)).float(), dim=1)
             k = common.batch_unshuffle(k, unshuffle)

@@ -21,6 +21,7 @@ import sys
 import time
 import weakref
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -1266,32 +1267,74 @@ def concat_all_gather(x):
 # computed by BN over the same images as its query leaks "which sample is the
 # positive" through the batch statistics. The keys are therefore computed on a
 # permuted global batch, so each process normalises over other images.
+#
+# The exchange moves only the rows a process gives away: one all_to_all, not
+# an all-gather of every process's images. With W processes a process sends
+# and receives about n (W-1)/W images instead of receiving n (W-1): 8x less
+# traffic on 8 GPUs (ImageNet, batch 256: 17 MB per GPU and step, not 135 MB).
+
+class ShufflePlan(NamedTuple):
+    """Who sends which rows where. Slot p of the shuffled global batch holds image
+    perm[p]; image r*n+i is row i of rank r, and rank r computes slots r*n..r*n+n-1.
+    index[0]: our rows in the order we send them (grouped by receiving rank);
+    index[1]: puts the rows we receive into slot order; index[2], index[3]: the
+    same two for the way back. Counts: rows we send to / receive from each rank."""
+    index: torch.Tensor    # [4, n] on the images' device
+    send_counts: list
+    recv_counts: list
+
 
 @torch.no_grad()
 def batch_shuffle(x, seed):
     """x: this process's [n, ...]. Returns (this process's slice of the global
-    batch permuted by a permutation drawn from `seed`, the order that undoes
-    it). Every rank draws the same permutation from the same seed, so nothing
-    is broadcast; a seed derived from the step keeps resumed runs exact."""
-    x_all = concat_all_gather(x)
-    # Drawn on x's device by a generator of that device: a CPU permutation copied
-    # over would block the host mid-forward every step. Every rank still draws
-    # the same permutation, and the same one again when a run is resumed.
-    g = torch.Generator(device=x.device).manual_seed(seed)
-    perm = torch.randperm(x_all.shape[0], generator=g, device=x.device)
-    return x_all[_own_rows(perm, x.shape[0])], torch.argsort(perm)
+    batch permuted by a permutation drawn from `seed`, the plan that undoes it).
+    Every rank draws the same permutation from the same seed, so nothing is
+    broadcast; a seed derived from the step keeps resumed runs exact."""
+    world, rank, n = world_size(), _rank(), x.shape[0]
+    # Drawn on the host: the row counts of the exchange must be host integers, and
+    # reading them back from the device would block the host mid-forward every step.
+    perm = torch.randperm(world * n, generator=torch.Generator().manual_seed(seed))
+    sender = perm // n                                       # the rank holding each slot's image
+    ours = sender == rank                                    # slots our images go to, ascending,
+    send_rows = perm[ours] - rank * n                        # so grouped by the rank computing them
+    send_counts = torch.bincount(torch.nonzero(ours)[:, 0] // n, minlength=world)
+    own_senders = sender[rank * n:(rank + 1) * n]
+    arrival = torch.argsort(own_senders, stable=True)       # our slots in arrival order: by sender, then slot
+    recv_counts = torch.bincount(own_senders, minlength=world)
+    index = torch.stack([send_rows, torch.argsort(arrival), arrival, torch.argsort(send_rows)])
+    plan = ShufflePlan(host_to_device(index, x.device), send_counts.tolist(), recv_counts.tolist())
+    return _exchange(x[plan.index[0]], plan.send_counts, plan.recv_counts)[plan.index[1]], plan
 
 
 @torch.no_grad()
-def batch_unshuffle(y, unshuffle):
+def batch_unshuffle(y, plan):
     """Undo batch_shuffle on the outputs y [n, ...]: row i is again image i of this process."""
-    return concat_all_gather(y)[_own_rows(unshuffle, y.shape[0])]
+    return _exchange(y[plan.index[2]], plan.recv_counts, plan.send_counts)[plan.index[3]]
 
 
-def _own_rows(order, n):
-    """This process's n entries of an order over the global batch (rank r: entries r*n to (r+1)*n)."""
-    rank = dist.get_rank() if world_size() > 1 else 0
-    return order[rank * n:(rank + 1) * n]
+def _exchange(rows, send_counts, recv_counts):
+    """all_to_all: rows [m, ...] grouped by receiving rank (send_counts[j] rows to rank j);
+    returns the received rows grouped by sending rank. Keeps channels-last."""
+    if world_size() == 1:
+        return rows
+    nhwc = rows.dim() == 4 and not rows.is_contiguous() and rows.is_contiguous(memory_format=torch.channels_last)
+    if nhwc:  # the same memory seen as [m, H, W, C]: contiguous, so it is sent without a copy
+        rows = rows.permute(0, 2, 3, 1)
+    out = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
+    dist.all_to_all_single(out, rows.contiguous(), recv_counts, send_counts)
+    return out.permute(0, 3, 1, 2) if nhwc else out
+
+
+def host_to_device(t, device):
+    """Copy a small host tensor to `device` without blocking the host: from pinned
+    memory, asynchronously (a pageable copy waits for the device's queue)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _rank():
+    return dist.get_rank() if world_size() > 1 else 0
 
 
 class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -8,7 +8,9 @@ to OUT.rank<r> for tests/test_distributed.py to compare with one process.
 2. A BN-free model wrapped with common.ddp, two views per image, NT-Xent over
    the gathered embeddings (as simclr.train_one_epoch does), common.LARS steps.
 3. Shuffle-BN: common.batch_shuffle of the rank's half of a global batch, and
-   batch_unshuffle of a function of what it got.
+   batch_unshuffle of a function of what it got; the same for channels-last
+   images, with every collective they call recorded (kind, rows sent to and
+   received from the other rank).
 
 The builders below are imported by the test for the one-process computation.
 """
@@ -70,6 +72,28 @@ def shuffle_batch():
     return torch.stack([i, -i], dim=1)
 
 
+def shuffle_images():
+    """Global batch [8, 3, 4, 4] in channels-last memory; image i is filled with i."""
+    noise = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(2))
+    x = torch.arange(GLOBAL_BATCH, dtype=torch.float32).view(-1, 1, 1, 1) + noise
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def record_collectives(calls, rank):
+    """Wrap the collectives batch_shuffle could use; append (kind, rows to others, rows from others)."""
+    all_to_all, all_gather = torch.distributed.all_to_all_single, torch.distributed.all_gather
+
+    def counted_all_to_all(out, inp, out_splits, in_splits, *a, **k):
+        calls.append(("all_to_all", len(inp) - in_splits[rank], len(out) - out_splits[rank]))
+        return all_to_all(out, inp, out_splits, in_splits, *a, **k)
+
+    def counted_all_gather(outs, inp, *a, **k):
+        calls.append(("all_gather", len(inp) * (len(outs) - 1), len(inp) * (len(outs) - 1)))
+        return all_gather(outs, inp, *a, **k)
+
+    torch.distributed.all_to_all_single, torch.distributed.all_gather = counted_all_to_all, counted_all_gather
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -108,6 +132,14 @@ def main():
     x = shuffle_batch()
     shuffled, unshuffle = common.batch_shuffle(x[mine], seed=SHUFFLE_SEED)
     result.update(shuffled=shuffled, restored=common.batch_unshuffle(shuffled * 10, unshuffle))
+    calls = []
+    record_collectives(calls, ctx.rank)
+    images = shuffle_images()[mine]
+    shuffled, unshuffle = common.batch_shuffle(images, seed=SHUFFLE_SEED)
+    restored = common.batch_unshuffle(shuffled * 10, unshuffle)
+    result.update(images_shuffled=shuffled, images_restored=restored, collectives=calls,
+                  channels_last=[t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+                                 for t in (shuffled, restored)])
 
     torch.save(result, f"{out_path}.rank{ctx.rank}")
     common.teardown()

@@ -137,6 +137,24 @@ def test_batch_shuffle_spreads_the_global_batch_and_unshuffle_restores(ranks):
         torch.testing.assert_close(r["restored"], x[rank * n:(rank + 1) * n] * 10)
 
 
+def test_batch_shuffle_moves_only_the_rows_another_rank_needs(ranks):
+    """Channels-last images: the shuffled halves are the one-process permutation and the
+    way back restores each rank's images, both still channels-last; the exchange is one
+    all_to_all each way (no all-gather of the images) carrying exactly the images whose
+    slot is on the other rank, which the one-process permutation says how many."""
+    x = setup_.shuffle_images()
+    n = setup_.GLOBAL_BATCH // WORLD
+    one_process, _ = common.batch_shuffle(x, seed=setup_.SHUFFLE_SEED)
+    torch.testing.assert_close(torch.cat([r["images_shuffled"] for r in ranks]), one_process)
+    slot_of = torch.argsort(one_process[:, 0, 0, 0].floor().long())   # image i sits in slot slot_of[i]
+    for rank, r in enumerate(ranks):
+        torch.testing.assert_close(r["images_restored"], x[rank * n:(rank + 1) * n] * 10)
+        assert r["channels_last"] == [True, True]
+        leaving = int((slot_of[rank * n:(rank + 1) * n] // n != rank).sum())      # our images computed there
+        arriving = int((one_process[rank * n:(rank + 1) * n, 0, 0, 0].floor().long() // n != rank).sum())
+        assert leaving > 0 and r["collectives"] == [("all_to_all", leaving, arriving), ("all_to_all", arriving, leaving)]
+
+
 # ---------------------------------------------------------------------------
 # TrainSampler (no processes needed: rank and world are arguments)
 # ---------------------------------------------------------------------------

@@ -110,25 +110,49 @@ def test_resume_across_precision_modes(tmp_path, saved_fp16, resumed_fp16):
 
 
 # ---------------------------------------------------------------------------
-# No host syncs: shuffle-BN's permutation is drawn on the tensor's device
+# No host syncs: shuffle-BN's permutation is drawn on the host, its indices copied without blocking
 # ---------------------------------------------------------------------------
 
-def test_batch_shuffle_draws_on_the_tensors_device(monkeypatch):
-    seen = []
-    original = torch.randperm
+def test_batch_shuffle_draws_on_the_host_and_copies_its_indices_once(monkeypatch):
+    """The all_to_all's row counts must be host integers, so the permutation is drawn by a CPU
+    generator from the seed (nothing read back from the device); the indices it implies reach the
+    device in one [4, n] copy."""
+    drawn, copied = [], []
+    randperm, to_device = torch.randperm, common.host_to_device
 
-    def spy(n, *a, generator=None, device=None, **k):
-        seen.append((device, generator.device))
-        return original(n, *a, generator=generator, device=device, **k)
+    def spy_randperm(n, *a, generator=None, **k):
+        drawn.append((k.get("device"), generator.device))
+        return randperm(n, *a, generator=generator, **k)
 
-    monkeypatch.setattr(torch, "randperm", spy)
+    def spy_copy(t, device):
+        copied.append((t.device, tuple(t.shape), device))
+        return to_device(t, device)
+
+    monkeypatch.setattr(torch, "randperm", spy_randperm)
+    monkeypatch.setattr(common, "host_to_device", spy_copy)
     x = torch.arange(16.).view(8, 2)
-    shuffled, unshuffle = common.batch_shuffle(x, seed=3)
-    assert seen == [(x.device, x.device)]
-    # The permutation is the one a generator of that device draws from the seed (every rank, every resume).
-    perm = original(8, generator=torch.Generator(device=x.device).manual_seed(3), device=x.device)
+    shuffled, plan = common.batch_shuffle(x, seed=3)
+    restored = common.batch_unshuffle(shuffled, plan)
+    assert drawn == [(None, torch.device("cpu"))]
+    assert copied == [(torch.device("cpu"), (4, 8), x.device)]
+    # The permutation is the one a CPU generator draws from the seed (every rank, every resume).
+    perm = randperm(8, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(shuffled, x[perm])
-    torch.testing.assert_close(common.batch_unshuffle(shuffled, unshuffle), x)
+    torch.testing.assert_close(restored, x)
+
+
+def test_host_to_device_copies_from_pinned_memory_without_blocking(monkeypatch):
+    """CUDA emulated: the copy goes through pin_memory() and .to(..., non_blocking=True) (a
+    pageable copy would make the host wait for the device's queue); other devices copy plainly."""
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: calls.append("pin") or t)
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, device, **k: calls.append((str(device), k)) or t)
+    t = torch.arange(4)
+    common.host_to_device(t, torch.device("cuda", 0))
+    assert calls == ["pin", ("cuda:0", {"non_blocking": True})]
+    calls.clear()
+    common.host_to_device(t, torch.device("cpu"))
+    assert calls == [("cpu", {})]
 
 
 # ---------------------------------------------------------------------------
