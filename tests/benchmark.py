@@ -1,6 +1,7 @@
 """Throughput of every method, and a check of the GPU code paths (printed, never asserted by pytest).
 
     python tests/benchmark.py data                       # views/s of the SimCLR CIFAR pipeline, one core
+    python tests/benchmark.py loader                     # CPU ms per image of each method's ImageNet views, one core
     python tests/benchmark.py methods --arch resnet_small --batch-size 128 --steps 5     # CPU: one table row per method
     python tests/benchmark.py methods --amp auto --channels-last                         # GPU: each method's CIFAR recipe
     python tests/benchmark.py gpu-check                  # GPU: PASS/FAIL per line, exit 1 on any FAIL
@@ -18,6 +19,11 @@ process's peak RSS on the CPU, loader workers not included), and the cost per
 image relative to SimCLR's (compute alone) next to the ratio expected from the
 pixels each method encodes per image (views x pixels per view, as the loader
 delivers them).
+
+`loader` times each method's ImageNet view recipe (its own Views class at
+224 px, JPEG decoding included) on one core over generated 500x375 JPEGs
+(ILSVRC-2012's typical size): the loader CPU time per image, and what it
+makes of an ImageNet epoch (1.28M images) on 64 loader workers.
 
 `gpu-check` runs, for every method, short fp16 and bf16 + channels-last runs
 under torch.cuda.set_sync_debug_mode("warn") (a sync inside the loop outside the
@@ -83,6 +89,64 @@ def bench_data(args):
         views[(i, i)]
     dt = time.perf_counter() - t0
     print(f"data: {2 * n / dt:.0f} views/s on one core ({n / dt:.0f} images/s, 2 views each; {args.data} 32x32)")
+
+
+# ---------------------------------------------------------------------------
+# loader: CPU time per image of each method's ImageNet views
+# ---------------------------------------------------------------------------
+
+IMAGENET_SIZES = ["224", "192", "160", "128", "96"]
+LOADER_RECIPES = {  # label -> (module, flags after --data imagenet)
+    "SimCLR": ("simclr", []),
+    "AAG": ("aag", []),
+    "CLSA-Single": ("clsa", []),
+    "CLSA-Multi": ("clsa", ["--weak-sizes", *IMAGENET_SIZES, "--strong-sizes", *IMAGENET_SIZES]),
+    "ReSSL 1x": ("ressl", []),
+    "ReSSL 5 crops": ("ressl", ["--student-crops", *IMAGENET_SIZES]),
+    "DSSL (SimSiam, BYOL)": ("dssl", ["--framework", "simsiam"]),
+    "DSSL-SimCLR": ("dssl", ["--framework", "simclr"]),
+}
+IMAGENET_TRAIN, LOADER_WORKERS = 1_281_167, 64
+
+
+def jpeg_folder(root, n, size=(500, 375)):
+    """n JPEGs of ILSVRC-2012's typical size in root/train/c0/: smooth colour fields
+    with fine noise (quality 90), so decoding costs what a photo's does."""
+    from PIL import Image
+    folder = os.path.join(root, "train", "c0")
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        coarse = torch.rand(3, 6, 8, generator=g)
+        img = torch.nn.functional.interpolate(coarse[None], size=size[::-1], mode="bicubic", align_corners=False)[0]
+        img = (img + 0.08 * torch.randn(img.shape, generator=g)).clamp(0, 1)
+        pixels = (img.permute(1, 2, 0) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(os.path.join(folder, f"{i:04d}.JPEG"), quality=90)
+    return root
+
+
+def bench_loader(args):
+    torch.set_num_threads(1)  # one loader worker's share
+    with tempfile.TemporaryDirectory() as root:
+        ds = common.dataset("imagenet", jpeg_folder(root, args.images), True, download=False)
+        print(f"loader: each method's ImageNet views, one core, {len(ds)} generated 500x375 JPEGs, "
+              f"median of 3 passes; epoch = {IMAGENET_TRAIN:,} images on {LOADER_WORKERS} workers\n")
+        print("| method | views per image | CPU ms per image | CPU hours per epoch | minutes per epoch, 64 workers |")
+        print("|---|---|---|---|---|")
+        for label, (module, flags) in LOADER_RECIPES.items():
+            method = importlib.import_module(module)
+            views_class = next(v for k, v in vars(method).items() if k.endswith("Views") and isinstance(v, type))
+            views = common.SeededViews(ds, views_class(method.get_args(["--data", "imagenet", *flags])))
+            count = len(views[(0, 0)][0])
+            passes = []
+            for p in range(3):
+                t0 = time.process_time()
+                for i in range(len(ds)):
+                    views[(i, p * len(ds) + i)]
+                passes.append((time.process_time() - t0) / len(ds))
+            ms = sorted(passes)[1] * 1e3
+            hours = ms * IMAGENET_TRAIN / 3.6e6
+            print(f"| {label} | {count} | {ms:.1f} | {hours:.1f} | {hours * 60 / LOADER_WORKERS:.1f} |", flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -479,11 +543,11 @@ def gpu_check(opts):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("data", "methods", "gpu-check"))
+    parser.add_argument("what", choices=("data", "loader", "methods", "gpu-check"))
     parser.add_argument("--data", default=None, choices=("cifar10", "synthetic"),
                         help="default cifar10 when ./data (or --data-dir) has it, else synthetic (2,048 images)")
     parser.add_argument("--data-dir", default="./data")
-    parser.add_argument("--images", type=int, default=2000, help="data: images to transform")
+    parser.add_argument("--images", type=int, default=None, help="data: images to transform (2000); loader: JPEGs (32)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="default: all")
     parser.add_argument("--arch", default=None, choices=common.ARCHS, help="default: each method's CIFAR recipe")
     parser.add_argument("--batch-size", type=int, default=None, help="default: each method's CIFAR recipe")
@@ -508,7 +572,11 @@ def main(argv=None):
     if opts.what == "gpu-check" and not cuda and opts.arch is None:
         opts.arch = "resnet_small"  # the CPU subset: small and quick
     if opts.what == "data":
+        opts.images = opts.images or 2000
         bench_data(opts)
+    elif opts.what == "loader":
+        opts.images = opts.images or 32
+        bench_loader(opts)
     elif opts.what == "methods":
         bench_methods(opts)
     else:

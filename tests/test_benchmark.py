@@ -49,6 +49,23 @@ class Sleepy:
         return self.transform(img)
 
 
+def test_loader_times_each_methods_imagenet_views(capsys):
+    """One row per ImageNet recipe, each with the views its own Views class makes at 224 px,
+    a CPU time per image, and the epoch figures derived from it."""
+    benchmark.main(["loader", "--images", "2"])
+    rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = [[cell.strip() for cell in r] for r in rows[1:]]  # past the header
+    assert [(r[0], int(r[1])) for r in rows] == [
+        ("SimCLR", 2), ("AAG", 3), ("CLSA-Single", 3), ("CLSA-Multi", 11), ("ReSSL 1x", 2),
+        ("ReSSL 5 crops", 6), ("DSSL (SimSiam, BYOL)", 4), ("DSSL-SimCLR", 4)]
+    for _, _, ms, hours, minutes in rows:
+        ms, hours, minutes = float(ms), float(hours), float(minutes)
+        assert ms > 0
+        # each printed to 0.1: ms's rounding moves hours by up to 0.018, minutes by up to 0.017
+        assert hours == pytest.approx(ms * benchmark.IMAGENET_TRAIN / 3.6e6, abs=0.07)
+        assert minutes == pytest.approx(ms * benchmark.IMAGENET_TRAIN / 6e4 / benchmark.LOADER_WORKERS, abs=0.07)
+
+
 def test_data_wait_share_rises_when_the_loader_is_slow(monkeypatch):
     fast = benchmark.measure("simclr", options())
     original = common.train_loader
