@@ -436,11 +436,10 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
         sums += torch.stack([loss.detach(), z_std, skipped])
         n += 1
         if step % args.log_every == 0 or step == stop_at:
-            if ctx.main:  # the only host sync in the loop
+            if ctx.main:  # log steps hold the loop's only host syncs: this and check_loss
                 print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}", data=loader), flush=True)
-            # DDP: every rank stops at the same step; a non-finite loss ends the run in one line
-            stopped = stop.agreed(ctx, loss, step, lr, scaler)
-        stopped = stopped or stop.pending(ctx)  # every step: a stop request loses at most one step
+            stop.check_loss(ctx, loss, step, lr, scaler)  # non-finite on any rank: every rank ends in one line
+        stopped = stop.pending(ctx)  # every step, on every rank alike: a stop request loses at most one step
         if stopped or step >= stop_at:
             break
     loss, z_std, skipped = sums.tolist()

@@ -1168,20 +1168,22 @@ def setup(args):
         ctx.cpu_group = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     previous = sys.excepthook
     previous = previous.args[0] if getattr(previous, "func", None) is _out_of_memory_hook else previous  # set up twice
-    sys.excepthook = functools.partial(_out_of_memory_hook, previous, args, ctx)
+    # The hook keeps plain values, not ctx: a reference to ctx.cpu_group from sys would keep
+    # gloo's threads alive past teardown(), into the interpreter's exit, where they can abort it.
+    sys.excepthook = functools.partial(_out_of_memory_hook, previous, args, world, amp_dtype)
     return ctx
 
 
-def _out_of_memory_hook(default, args, ctx, kind, error, tb):
+def _out_of_memory_hook(default, args, world, amp_dtype, kind, error, tb):
     """A CUDA out-of-memory error ends in one line saying what to change, not a page of traceback."""
     if not isinstance(error, torch.OutOfMemoryError):
         return default(kind, error, tb)
     batch = getattr(args, "batch_size", None)
     if hasattr(args, "method"):  # a training script: --batch-size is global
-        where = f"at {batch // ctx.world} images per GPU (--batch-size {batch} over {ctx.world} process(es))"
+        where = f"at {batch // world} images per GPU (--batch-size {batch} over {world} process(es))"
     else:
         where = f"at {batch} images per GPU (--batch-size is per process here)"
-    amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[ctx.amp_dtype]
+    amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     advice = "lower --batch-size" + (", or use --amp bf16 (fp16 before Ampere)" if amp == "off" else "") + \
              ("; more GPUs keep the global batch at a smaller per-GPU share" if hasattr(args, "method") else "")
     # The interpreter then exits with status 1 (RUNTIME), atexit hooks run as usual.
@@ -1210,9 +1212,12 @@ def choose_amp(amp, device, warn=True):
 
 
 def teardown():
-    """Leave the process group together: a rank that tears down while another
-    is still busy (rank 0 writing the last checkpoint) can abort in gloo's
-    connection threads at exit."""
+    """Leave the process group together (a barrier: no rank leaves while rank 0
+    still writes the last checkpoint), then destroy it. Its threads stop only
+    when nothing references the group any more, so nothing global may hold it
+    or ctx (setup's exception hook keeps plain values): threads that live on
+    into the interpreter's exit can abort it ("terminate called without an
+    active exception"; tests/test_faults.py checks the thread count)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -1772,19 +1777,16 @@ class StopSignal:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
         return bool(flag.item())
 
-    def agreed(self, ctx, loss=None, step=None, lr=None, scaler=None):
-        """True on every rank if any rank was asked to stop (a collective: call
-        it on all ranks, at log steps). Given the last loss, it also ends the
-        run in one line when the loss is not finite: at once in float32 and
-        bf16; in fp16 only after NONFINITE_PATIENCE log steps in a row, since a
-        loss scaler that is still searching for its scale explains a few
-        overflowing steps (it skips them, the weights stay good)."""
-        bad = 0.0 if loss is None else float(not torch.isfinite(loss.detach()).all())
-        flag = torch.tensor([float(self.requested), bad], device=ctx.device)
+    def check_loss(self, ctx, loss, step, lr, scaler):
+        """At log steps, on every rank (a collective): ends the run in one line
+        when the loss is not finite on any rank: at once in float32 and bf16; in
+        fp16 only after NONFINITE_PATIENCE log steps in a row, since a loss
+        scaler that is still searching for its scale explains a few overflowing
+        steps (it skips them, the weights stay good)."""
+        bad = torch.logical_not(torch.isfinite(loss.detach()).all()).float().view(1)
         if ctx.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        requested, bad = flag.tolist()
-        self.nonfinite = self.nonfinite + 1 if bad else 0
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.nonfinite = self.nonfinite + 1 if bad.item() else 0
         fp16 = scaler is not None and scaler.is_enabled()
         if self.nonfinite and (not fp16 or self.nonfinite >= NONFINITE_PATIENCE):
             value = float(loss.detach().float().mean())
@@ -1792,7 +1794,6 @@ class StopSignal:
                  + (f" ({self.nonfinite} log steps in a row under fp16 loss scaling)" if fp16 else "")
                  + f"; training diverged, most likely a learning rate too high for this batch ({lr:.4g}): lower --lr"
                  + " (or try --amp bf16/off). The last checkpoint, written before it, is kept")
-        return bool(requested)
 
 
 @torch.no_grad()

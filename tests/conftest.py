@@ -26,10 +26,10 @@ def run(args, timeout=600, check=True, threads=2):
     return proc
 
 
-def torchrun(nproc, args, timeout=600, check=True):
+def torchrun(nproc, args, timeout=600, check=True, threads=2):
     """Run a script under torchrun with `nproc` CPU processes (gloo)."""
     return run(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
-               timeout=timeout, check=check)
+               timeout=timeout, check=check, threads=threads)
 
 
 def single_error_line(capsys):

@@ -226,8 +226,8 @@ def test_2x_backprop_forwards_each_crop_with_its_own_bn_statistics():
 
 
 class NoStop:
-    def agreed(self, ctx, *loss_step_lr_scaler):
-        return False
+    def check_loss(self, ctx, *loss_step_lr_scaler):
+        pass
 
     def pending(self, ctx):
         return False
