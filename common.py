@@ -906,8 +906,11 @@ def to_tensor(img):
 
 @functools.lru_cache(maxsize=None)
 def _mean_std(data, device):
+    """The data set's mean and std (0-255 units) as [1, 3, 1, 1] tensors on `device`, made once
+    per (data set, device) and copied without blocking: torch.tensor(..., device="cuda") makes
+    the host wait for the GPU, and to_device runs for every view of every step."""
     info = DATA_INFO[data]
-    return tuple(255.0 * torch.tensor(info[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std"))
+    return tuple(host_to_device(255.0 * torch.tensor(info[k]).view(1, 3, 1, 1), device) for k in ("mean", "std"))
 
 
 def to_device(x, ctx, data, channels_last=False):

@@ -131,7 +131,7 @@ def bench_loader(args):
         ds = common.dataset("imagenet", jpeg_folder(root, args.images), True, download=False)
         print(f"loader: each method's ImageNet views, one core, {len(ds)} generated 500x375 JPEGs, "
               f"median of 3 passes; epoch = {IMAGENET_TRAIN:,} images on {LOADER_WORKERS} workers\n")
-        print("| method | views per image | CPU ms per image | CPU hours per epoch | minutes per epoch, 64 workers |")
+        print("| recipe | views per image | CPU ms per image | CPU hours per epoch | minutes per epoch, 64 workers |")
         print("|---|---|---|---|---|")
         for label, (module, flags) in LOADER_RECIPES.items():
             method = importlib.import_module(module)

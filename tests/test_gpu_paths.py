@@ -141,6 +141,27 @@ def test_batch_shuffle_draws_on_the_host_and_copies_its_indices_once(monkeypatch
     torch.testing.assert_close(restored, x)
 
 
+def test_to_device_copies_the_mean_and_std_once_without_blocking(monkeypatch):
+    """Normalising a batch needs the data set's mean and std on the device: they are copied
+    through host_to_device (no blocking copy) once per (data set, device), not once per view."""
+    copied, to_device = [], common.host_to_device
+
+    def spy_copy(t, device):
+        copied.append((t.device, tuple(t.shape), device))
+        return to_device(t, device)
+
+    monkeypatch.setattr(common, "host_to_device", spy_copy)
+    common._mean_std.cache_clear()
+    ctx = common.Context(0, 1, 0, torch.device("cpu"), None)
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    out = [common.to_device(x, ctx, "cifar10") for _ in range(3)]
+    assert copied == [(torch.device("cpu"), (1, 3, 1, 1), ctx.device)] * 2  # mean, std; then cached
+    info = common.DATA_INFO["cifar10"]
+    mean, std = (255 * torch.tensor(info[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    for o in out:
+        torch.testing.assert_close(o, (x.float() - mean) / std)
+
+
 def test_host_to_device_copies_from_pinned_memory_without_blocking(monkeypatch):
     """CUDA emulated: the copy goes through pin_memory() and .to(..., non_blocking=True) (a
     pageable copy would make the host wait for the device's queue); other devices copy plainly."""
