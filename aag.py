@@ -118,16 +118,15 @@ def get_args(argv=None):
         args.warmup_epochs = 10 if args.batch_size > 256 else 0
     if args.batch_size < 2:
         common.fail(f"--batch-size {args.batch_size} leaves GNT-Xent without negatives; use at least 2", common.USAGE)
-    if args.schedule == "step" and any(m < 1 or m >= args.epochs for m in args.milestones):
+    if args.schedule == "step" and any(m >= args.epochs for m in args.milestones):
         common.fail(f"--milestones {' '.join(map(str, args.milestones))} must lie between 1 and --epochs - 1 "
                     f"({args.epochs - 1})", common.USAGE)
     return args
 
 
-def step_lr(step, total_steps, warmup_steps, base_lr, steps_per_epoch, milestones):
+def step_lr(step, warmup_steps, base_lr, steps_per_epoch, milestones):
     """Table 7 (iii): the same linear warmup as the cosine schedule, then base_lr
-    x 0.1 for every milestone epoch reached (StepLR). total_steps is unused and
-    kept so both schedules take the same arguments."""
+    x 0.1 for every milestone epoch reached (StepLR)."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     return base_lr * 0.1 ** sum(step >= m * steps_per_epoch for m in milestones)
@@ -282,8 +281,7 @@ def main(argv=None):
     if args.schedule == "cosine":  # Sec. Experiments: CosineLR without restarts
         lr_at = functools.partial(common.lr_at, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr)
     else:
-        lr_at = functools.partial(step_lr, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr,
-                                  steps_per_epoch=steps_per_epoch, milestones=args.milestones)
+        lr_at = functools.partial(step_lr, warmup_steps=warmup_steps, base_lr=base_lr, steps_per_epoch=steps_per_epoch, milestones=args.milestones)
     # kNN on the last layer's output (the paper's protocol) or on h: same weights, no copy.
     knn_net = nn.Sequential(model.backbone, model.projector) if args.knn_features == "embedding" else model.backbone
     progress, stop = common.Progress(stop_at, step, args.batch_size), common.StopSignal()

@@ -155,11 +155,9 @@ def check_clsa_args(args, world):
         args.bn_splits = 8 if world == 1 else 1
     if world > 1 and args.bn_splits != 1:
         usage("--bn-splits must be 1 under torchrun: the key batch is shuffled across the GPUs instead (MoCo)")
-    if args.bn_splits < 1 or args.batch_size // world % args.bn_splits:
+    if args.batch_size // world % args.bn_splits:
         usage(f"the batch of {args.batch_size // world} per process does not split into "
               f"--bn-splits {args.bn_splits} BN groups")
-    if not 0 <= args.ema_momentum <= 1:
-        usage(f"--ema-momentum must be in [0, 1], got {args.ema_momentum}")
     return args
 
 

@@ -55,6 +55,7 @@ def fail(message, code=RUNTIME):
 # ---------------------------------------------------------------------------
 
 DATASETS = ("cifar10", "cifar100", "svhn", "stl10", "tinyimagenet", "imagenet", "folder", "synthetic")
+LARGE_DATA = ("imagenet", "folder")  # ImageNet-size images: the "large" recipes, no kNN monitor, resize-then-crop eval
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet_small", "alexnet")
 
 
@@ -136,11 +137,11 @@ def finish_args(args, method, recipes):
     args.method = method
     if args.image_size is None:
         args.image_size = info["image_size"]
-    for name, value in recipes["large" if args.data in ("imagenet", "folder") else "small"].items():
+    for name, value in recipes["large" if args.data in LARGE_DATA else "small"].items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     if args.knn_every is None:
-        args.knn_every = 0 if args.data in ("imagenet", "folder") else 10
+        args.knn_every = 0 if args.data in LARGE_DATA else 10
     if args.workers is None:
         args.workers = default_workers()
     if args.out is None:
@@ -923,7 +924,7 @@ def to_device(x, ctx, data, channels_last=False):
 def eval_transform(data, size):
     """No augmentation: small-image data sets are resized to `size`; ImageNet and
     folder are resized to size/0.875 and centre-cropped (the standard protocol)."""
-    resize = int(round(size / 0.875)) if data in ("imagenet", "folder") else size
+    resize = int(round(size / 0.875)) if data in LARGE_DATA else size
     return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), to_tensor])
 
 

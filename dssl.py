@@ -89,7 +89,7 @@ def get_args(argv=None):
                         "term at 1/2; 1 0 0.9 0.1 CIFAR (the authors' CIFAR trainer), 1 0 1 0 ImageNet (Algorithm 1)")
     g.add_argument("--naive", action="store_true",
                    help="Table 2's 'w/ T^' row: the framework's loss on the heavy pair as an extra pair (= --weights 1 1 0 0)")
-    g.add_argument("--ra-n", type=common.nonneg_int, default=2, help="n, RandAugment ops per heavy view, RA(n, m); 2, App. A.2")
+    g.add_argument("--ra-n", type=common.positive_int, default=2, help="n, RandAugment ops per heavy view, RA(n, m); 2, App. A.2")
     g.add_argument("--ra-m", type=common.nonneg_int, default=5,
                    help="m, RandAugment magnitude on the 0-30 scale; 5, App. A.2 (Fig. 4); the authors' CIFAR launcher used 9")
     g.add_argument("--jigsaw-grid", type=common.positive_int, default=4, help="jigsaw grid n (n x n tiles), Jigsaw(n); 4, App. A.2")
@@ -131,7 +131,7 @@ def get_args(argv=None):
                       proj_layers=3, ema_momentum=0.99, ema_schedule="constant", tau=0.1, p_jigsaw=0.1,
                       crop_min=0.2, color_strength=0.5, blur=0.5),
     }
-    large = args.data in ("imagenet", "folder")
+    large = args.data in common.LARGE_DATA
     if args.framework == "simclr":  # SimCLR's own recipe (Sec. 4.1), AndrewAtanov/simclr-pytorch configs
         recipes["small"].update(lr=1.0, weight_decay=1e-6, warmup_epochs=None, crop_min=0.08)   # cifar_train_*.yaml
         recipes["large"].update(lr=0.3, weight_decay=1e-6, warmup_epochs=None, crop_min=0.08,  # imagenet_train_*bs512.yaml
@@ -141,15 +141,11 @@ def get_args(argv=None):
         args.warmup_epochs = args.epochs * (0.1 if large else 0.01)
     if args.heavy == "on" and args.weights is None:
         args.weights = [1.0, 1.0, 0.0, 0.0] if args.naive else [1.0, 0.0, 1.0, 0.0] if large else [1.0, 0.0, 0.9, 0.1]
-    checks = [(args.weights is None or (min(args.weights) >= 0 and sum(args.weights) > 0),
-               f"--weights must be non-negative and not all 0, got {args.weights}"),
-              (args.ra_n >= 1 and 0 <= args.ra_m <= 30, f"--ra-n must be >= 1 and --ra-m in 0..30, got {args.ra_n}, {args.ra_m}"),
-              (1 <= args.jigsaw_grid <= args.image_size, f"--jigsaw-grid must be in 1..{args.image_size}, got {args.jigsaw_grid}"),
-              (0 <= args.p_jigsaw <= 1 and 0 <= args.blur <= 1, "--p-jigsaw and --blur are probabilities in [0, 1]"),
-              (0 < args.crop_min <= 1 and args.color_strength >= 0, "--crop-min must be in (0, 1] and --color-strength >= 0"),
-              (args.proj_layers >= 1, f"--proj-layers must be at least 1, got {args.proj_layers}"),
-              (0 <= args.ema_momentum <= 1, f"--ema-momentum must be in [0, 1], got {args.ema_momentum}"),
-              (args.tau > 0, f"--tau must be positive, got {args.tau}")]
+    # Single numbers are range-checked by their argparse types; what is left needs more than the type.
+    checks = [(args.weights is None or sum(args.weights) > 0, f"--weights must not be all 0, got {args.weights}"),
+              (args.ra_m <= 30, f"--ra-m must be in 0..30, got {args.ra_m}"),
+              (args.jigsaw_grid <= args.image_size, f"--jigsaw-grid must be in 1..{args.image_size}, got {args.jigsaw_grid}"),
+              (args.crop_min > 0, "--crop-min must be in (0, 1]: a crop of no area")]
     for ok, message in checks:
         if not ok:
             common.fail(message, common.USAGE)

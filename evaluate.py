@@ -198,9 +198,9 @@ def main(argv=None):
     data_args = argparse.Namespace(data=args.data, data_dir=args.data_dir, download=args.download,
                                    image_size=args.image_size, subset=args.subset)
     _, train_set, test_set = common.load_data(data_args, ctx)
-    if common.missing_labels(train_set):
+    if why := common.missing_labels(train_set):
         common.fail(f"evaluate.py needs labelled images, train/<class>/<image> and val/<class>/<image> under --data-dir: "
-                    f"{common.missing_labels(train_set)}")
+                    f"{why}")
     classes = common.num_classes(args.data, train_set)
     tf = common.eval_transform(args.data, args.image_size)
     # DDP: the training features stay in shards, one per process (ImageNet's are 10.5 GB);

@@ -110,10 +110,6 @@ def get_args(argv=None):
         args.bn_splits = 8 if world == 1 else 1
     if args.student_crops is None:
         args.student_crops = [args.image_size]
-    if min(args.tau_s, args.tau_t) <= 0 or not 0 <= args.ema_momentum <= 1:
-        common.fail("--tau-s and --tau-t must be positive and --ema-momentum between 0 and 1", common.USAGE)
-    if min(args.queue_size, args.proj_dim, 1 if args.proj_hidden is None else args.proj_hidden, args.bn_splits) < 1:
-        common.fail("--queue-size, --proj-dim, --proj-hidden and --bn-splits must be at least 1", common.USAGE)
     if not all(16 <= s <= args.image_size for s in args.student_crops):
         common.fail(f"--student-crops sides must lie between 16 and --image-size {args.image_size}", common.USAGE)
     if args.batch_size % (world * args.bn_splits):
@@ -210,13 +206,17 @@ def relational_loss(z_student, z_teacher, queue, tau_s, tau_t):
     float32 scalar: mean over i of H(p_t_i, p_s_i) = -sum_k p_t_ik log p_s_ik,
     with p_t_i = softmax_k(sim(z_t_i, Q_k) / tau_t) detached (a target) and
     p_s_i = softmax_k(sim(z_s_i, Q_k) / tau_s). Only Q is compared with: no
-    positive column."""
+    positive column. Multi-crop: z_student may stack C student crops of the
+    same N images, [C*N, D] crop after crop; each crop is matched to the same
+    p_t (computed once) and the loss is the mean over crops and images."""
+    if len(z_student) % len(z_teacher):
+        raise ValueError(f"{len(z_student)} student rows are not a whole number of crops of {len(z_teacher)} images")
     z_s = F.normalize(z_student.float(), dim=1)
     z_t = F.normalize(z_teacher.detach().float(), dim=1)
     queue = F.normalize(queue.detach().float(), dim=1)
     p_t = F.softmax(z_t @ queue.T / tau_t, dim=1)               # Eq. (3): [N, K], sharper (tau_t < tau_s)
-    log_p_s = F.log_softmax(z_s @ queue.T / tau_s, dim=1)       # Eq. (4): [N, K]
-    return -(p_t * log_p_s).sum(dim=1).mean()                   # Eq. (5): H(p_t, p_s); H(p_t) is a constant
+    log_p_s = F.log_softmax(z_s @ queue.T / tau_s, dim=1)       # Eq. (4): [C*N, K]
+    return -(p_t * log_p_s.view(-1, *p_t.shape)).sum(dim=2).mean()  # Eq. (5): H(p_t, p_s); H(p_t) is a constant
 
 
 # ---------------------------------------------------------------------------
@@ -237,9 +237,9 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
         with ctx.autocast():
             z_t, z_s = model(x_t, crops, shuffle_seed=args.seed * 2 ** 32 + step)  # exact resume: seed from the step
         # Every student crop is matched to the same teacher relation, against Q before this step's keys.
-        # One call over all crops (the mean over crops of each crop's mean, as every crop has n rows), so the
-        # [K, D] buffer is normalised and kept for backward once per step, not once per crop.
-        loss = relational_loss(torch.cat(z_s), z_t.repeat(len(z_s), 1), net.queue, args.tau_s, args.tau_t)
+        # One call over all crops (the mean over crops of each crop's mean), so the [K, D] buffer is
+        # normalised and kept for backward, and p_t computed, once per step, not once per crop.
+        loss = relational_loss(torch.cat(z_s), z_t, net.queue, args.tau_s, args.tau_t)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # AMP: scaled only in fp16
         skipped = common.scaler_step(scaler, optimizer)  # AMP: 1 where fp16 skipped a step with overflowing gradients

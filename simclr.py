@@ -64,7 +64,7 @@ def get_args(argv=None):
     g.add_argument("--lr-scaling", default="linear", choices=("linear", "sqrt"),
                    help="lr = base x B/256 (linear, Sec. 4) or base x sqrt(B) (sqrt, App. B.1; base 0.075 "
                         "unless --lr is given)")
-    g.add_argument("--head-bn", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--head-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="BN after each layer of the head g, as the authors' code (model_util.py) builds it; "
                         "default on; --no-head-bn: Sec. 2.1's g(h) = W2 relu(W1 h)")
     g.add_argument("--loss-scale", default="sum", choices=("sum", "mean"),
@@ -75,9 +75,9 @@ def get_args(argv=None):
         args.lr = 0.075  # App. B.1: "learning rate = 0.075 x sqrt(BatchSize)"
     recipes = {  # "small": the authors' CIFAR-10 command (their README); "large": the paper's ImageNet setting (Sec. 4)
         "small": dict(arch="resnet18", epochs=1000, batch_size=512, lr=1.0, weight_decay=1e-4, warmup_epochs=10,
-                      tau=0.5, color_strength=0.5, blur=0.0, head_bn=True),
+                      tau=0.5, color_strength=0.5, blur=0.0),
         "large": dict(arch="resnet50", epochs=100, batch_size=4096, lr=0.3, weight_decay=1e-6, warmup_epochs=10,
-                      tau=0.1, color_strength=1.0, blur=0.5, head_bn=True),
+                      tau=0.1, color_strength=1.0, blur=0.5),
     }
     return common.finish_args(args, "simclr", recipes)
 

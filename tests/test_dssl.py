@@ -634,7 +634,7 @@ def test_defaults_follow_the_recipes():
                                    ["--weights", "0", "0", "0", "0"], ["--weights", "1", "0", "1"], ["--p-jigsaw", "1.5"],
                                    ["--ra-m", "31"], ["--framework", "moco"], ["--ema-momentum", "2"], ["--jigsaw-grid", "0"],
                                    ["--naive", "--weights", "1", "1", "0", "0"], ["--naive", "--heavy", "off"],
-                                   ["--crop-min", "0"]])
+                                   ["--crop-min", "0"], ["--ra-n", "0"]])
 def test_bad_flags_exit_2_with_one_line(flags, capsys):
     with pytest.raises(SystemExit) as exc:
         dssl.get_args(["--data", "synthetic", *flags])

@@ -102,12 +102,12 @@ def test_aag_schedule_and_monitor_defaults(capsys):
 def test_aag_step_schedule_values():
     """Warmup as the cosine schedule, then base, base x 0.1 from the first milestone epoch,
     base x 0.01 from the second; no decay inside an epoch."""
-    lr = lambda s: aag.step_lr(s, total_steps=200, warmup_steps=4, base_lr=0.1, steps_per_epoch=10, milestones=[6, 9])
+    lr = lambda s: aag.step_lr(s, warmup_steps=4, base_lr=0.1, steps_per_epoch=10, milestones=[6, 9])
     assert [lr(s) for s in range(4)] == pytest.approx([0.025, 0.05, 0.075, 0.1])
     assert lr(4) == lr(59) == pytest.approx(0.1)
     assert lr(60) == lr(89) == pytest.approx(0.01)
     assert lr(90) == lr(199) == pytest.approx(0.001)
-    no_warmup = aag.step_lr(0, total_steps=10, warmup_steps=0, base_lr=0.03, steps_per_epoch=5, milestones=[1])
+    no_warmup = aag.step_lr(0, warmup_steps=0, base_lr=0.03, steps_per_epoch=5, milestones=[1])
     assert no_warmup == pytest.approx(0.03)
 
 

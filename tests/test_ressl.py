@@ -243,7 +243,7 @@ def test_train_step_reads_buffer_before_enqueue_then_updates_teacher(ctx, monkey
     loss_fn = ressl.relational_loss
 
     def recording_loss(z_s, z_t, queue, tau_s, tau_t):
-        seen.append((queue.clone(), z_t.detach().clone()))
+        seen.append((queue.clone(), z_t.detach().clone(), len(z_s)))
         return loss_fn(z_s, z_t, queue, tau_s, tau_t)
 
     monkeypatch.setattr(ressl, "relational_loss", recording_loss)
@@ -255,10 +255,10 @@ def test_train_step_reads_buffer_before_enqueue_then_updates_teacher(ctx, monkey
     step, stats, _ = ressl.train_one_epoch(model, [(batch, None)], optimizer, ctx.grad_scaler(), lambda s: 0.5, 0, 0, 1,
                                            args, ctx, common.Progress(1, 0, 4), NoStop())
     assert step == 1 and len(seen) == 1  # one loss call over both student crops' rows
-    for queue, _ in seen:
+    for queue, _, _ in seen:
         assert torch.equal(queue, queue0)
-    z_t = seen[0][1][:4]
-    assert seen[0][1].shape[0] == 8 and torch.equal(seen[0][1][4:], z_t)  # the same teacher relation for each crop
+    z_t = seen[0][1]
+    assert seen[0][2] == 8 and z_t.shape[0] == 4  # both crops' rows against the one teacher relation
     torch.testing.assert_close(model.queue[:4], F.normalize(z_t, dim=1))
     assert torch.equal(model.queue[4:], queue0[4:]) and int(model.queue_ptr) == 4
     student = list(model.backbone.parameters()) + list(model.projector.parameters())
@@ -528,15 +528,19 @@ def test_ressl_learns_on_cifar10(cifar10_dir, tmp_path):
 
 def test_one_call_over_all_crops_equals_the_mean_of_per_crop_losses():
     """The loop's single relational_loss over the concatenated crops (the buffer
-    normalised once per step) is the mean over crops of each crop's loss, in value
-    and gradient."""
+    normalised and p_t computed once per step) is the mean over crops of each
+    crop's loss, in value and gradient, and so is the call with the teacher rows
+    repeated per crop; rows that are not whole crops are refused."""
     torch.manual_seed(5)
     z_s = [torch.randn(6, 8, requires_grad=True) for _ in range(3)]
     z_t, queue = torch.randn(6, 8), torch.nn.functional.normalize(torch.randn(20, 8), dim=1)
-    one = ressl.relational_loss(torch.cat(z_s), z_t.repeat(3, 1), queue, 0.1, 0.04)
-    g_one = torch.autograd.grad(one, z_s)
     each = sum(ressl.relational_loss(z, z_t, queue, 0.1, 0.04) for z in z_s) / 3
     g_each = torch.autograd.grad(each, z_s)
-    torch.testing.assert_close(one, each)
-    for a, b in zip(g_one, g_each):
-        torch.testing.assert_close(a, b)
+    for teacher in (z_t, z_t.repeat(3, 1)):
+        one = ressl.relational_loss(torch.cat(z_s), teacher, queue, 0.1, 0.04)
+        g_one = torch.autograd.grad(one, z_s)
+        torch.testing.assert_close(one, each)
+        for a, b in zip(g_one, g_each):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="whole number of crops"):
+        ressl.relational_loss(torch.cat(z_s)[:-1], z_t, queue, 0.1, 0.04)
