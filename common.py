@@ -1755,11 +1755,12 @@ NONFINITE_PATIENCE = 3  # fp16: log steps in a row with a non-finite loss before
 
 class StopSignal:
     """SIGINT/SIGTERM ask the run to stop after the current step, after writing
-    a checkpoint; a second signal stops at once."""
+    a checkpoint; a second signal stops at once. install=False leaves the
+    process's signal handlers alone (a training step called from other code)."""
 
-    def __init__(self):
+    def __init__(self, install=True):
         self.requested, self.nonfinite = False, 0
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in (signal.SIGINT, signal.SIGTERM) if install else ():
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):

@@ -331,15 +331,17 @@ def pixels_per_image(batch):
     return [int(v.shape[-1]) * int(v.shape[-2]) for v in views]
 
 
+def passed_on(opts):
+    """The options of `methods` that are the training scripts' own flags, as flags."""
+    flags = [f for name in ("arch", "batch_size", "workers", "amp") if getattr(opts, name) is not None
+             for f in (f"--{name.replace('_', '-')}", str(getattr(opts, name)))]
+    return flags + (["--channels-last"] if opts.channels_last else [])
+
+
 def measure(key, opts):
     """Train method `key` for opts.warmup + opts.steps steps; returns a dict of figures."""
     flags = ["--data", opts.data, "--data-dir", opts.data_dir, "--no-download", "--resume", "none",
-             "--max-steps", str(opts.warmup + opts.steps), "--log-every", str(10 ** 9)]
-    for name in ("arch", "batch_size", "workers", "amp"):
-        if getattr(opts, name) is not None:
-            flags += [f"--{name.replace('_', '-')}", str(getattr(opts, name))]
-    if opts.channels_last:
-        flags.append("--channels-last")
+             "--max-steps", str(opts.warmup + opts.steps), "--log-every", str(10 ** 9), *passed_on(opts)]
     record, compute = Record(opts.warmup), Record(opts.warmup, steps=opts.steps)
     with tempfile.TemporaryDirectory() as out:
         _, peak = run_method(key, flags, out, record, compute)
@@ -378,12 +380,7 @@ def parse_row(line):
 def measure_apart(key, opts):
     """measure() in a fresh process: peak memory per method, no loader or allocator left over from the last one."""
     argv = [sys.executable, os.path.abspath(__file__), "methods", "--json", "--methods", key, "--data", opts.data,
-            "--data-dir", opts.data_dir, "--steps", str(opts.steps), "--warmup", str(opts.warmup)]
-    for name in ("arch", "batch_size", "workers", "amp"):
-        if getattr(opts, name) is not None:
-            argv += [f"--{name.replace('_', '-')}", str(getattr(opts, name))]
-    if opts.channels_last:
-        argv.append("--channels-last")
+            "--data-dir", opts.data_dir, "--steps", str(opts.steps), "--warmup", str(opts.warmup), *passed_on(opts)]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         common.fail(f"{key}: the benchmark run exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
@@ -417,12 +414,12 @@ def bench_methods(opts):
 # gpu-check
 # ---------------------------------------------------------------------------
 
-def unexpected_syncs(owners, files, stop_at, log_every, fp16):
+def unexpected_syncs(syncs, stop_at, log_every, fp16):
     """The syncs inside the loop that the loop does not claim: any outside a
     log step, except fp16's GradScaler.step (it reads its inf check on the host).
-    owners[i]: the loop step of warning i (None: outside the loop); files[i]: where it was raised."""
+    syncs: (the loop step of a warning (None: outside the loop), the file that raised it)."""
     bad = []
-    for step, where in zip(owners, files):
+    for step, where in syncs:
         if step is None or step % log_every == 0 or step == stop_at:
             continue
         if fp16 and "grad_scaler" in os.path.basename(where):
@@ -478,7 +475,7 @@ def amp_run(key, amp_flags, label, opts, check):
             check(skipped < steps, f"{name}: the loss scaler skipped {skipped} of {steps} steps")
         if cuda:
             syncs = [(s, w.filename) for s, w in zip(record.owner, record.caught) if SYNC_MESSAGE in str(w.message)]
-            bad = unexpected_syncs([s for s, _ in syncs], [f for _, f in syncs], steps, log_every, fp16)
+            bad = unexpected_syncs(syncs, steps, log_every, fp16)
             where = sorted({f"{os.path.basename(f)} (step {s})" for s, f in bad})[:5]
             check(not bad, f"{name}: {len(syncs)} host syncs in {steps} steps, none outside the log steps "
                            f"(every {log_every}){' but ' + ', '.join(where) if bad else ''}")
@@ -531,8 +528,7 @@ def gpu_check(opts):
     elif cuda:
         print("SKIP  SyncBN and nccl need 2 GPUs (torchrun --nproc_per_node=2)", flush=True)
     if cuda and not opts.no_table:
-        table = argparse.Namespace(**{**vars(opts), "arch": opts.arch, "batch_size": None, "amp": "auto",
-                                      "channels_last": True, "steps": opts.steps, "warmup": opts.warmup})
+        table = argparse.Namespace(**{**vars(opts), "batch_size": None, "amp": "auto", "channels_last": True})
         try:
             bench_methods(table)
         except (Exception, SystemExit) as e:

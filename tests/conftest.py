@@ -6,8 +6,10 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -61,12 +63,44 @@ def cifar10_dir():
 
 
 @pytest.fixture
-def ctx():
+def keep_rng():
+    """For tests that seed the global RNG (common.setup, a method's main()): restored after."""
+    state = torch.get_rng_state()
+    yield
+    torch.set_rng_state(state)
+
+
+@pytest.fixture
+def ctx(keep_rng):
     """A single-process CPU context (common.setup seeds the global RNG: restored after)."""
     import common
-    state = torch.get_rng_state()
-    yield common.setup(argparse.Namespace(seed=0, amp="off"))
-    torch.set_rng_state(state)
+    return common.setup(argparse.Namespace(seed=0, amp="off"))
+
+
+def noise_image(w, h=None, seed=0, mode="RGB"):
+    """A w x h (square by default) PIL image of uniformly random pixels, RGB or L."""
+    h = w if h is None else h
+    shape = (h, w, 3) if mode == "RGB" else (h, w)
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8), mode)
+
+
+def write_images(folder, n, exts=("png",), size=(40, 36), seed=0):
+    """n small random images in `folder`, cycling through the extensions (any case)."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        ext = exts[i % len(exts)]
+        fmt = "JPEG" if ext.lower() in ("jpg", "jpeg") else ext.upper()
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i:03d}.{ext}"), fmt)
+
+
+def labelled_tree(root, classes=("cat", "dog"), n=4, val=True):
+    """--data folder's labelled layout: train/<class>/ with n images each, val/<class>/ with 2."""
+    for c in classes:
+        write_images(os.path.join(root, "train", c), n)
+        if val:
+            write_images(os.path.join(root, "val", c), 2, seed=1)
+    return str(root)
 
 
 _random_init = {}

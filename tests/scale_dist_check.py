@@ -35,7 +35,6 @@ def features(n, d, seed, classes=5):
 
 
 def check_eval(ctx):
-    local = common.Context(0, 1, 0, torch.device("cpu"), None)
     results = {}
     train_f, train_y = features(23, 6, seed=1)
     test_f, test_y = features(17, 6, seed=2)

@@ -13,13 +13,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision.transforms as T
-from PIL import Image
 
 import aag
 import aag_dist_check as dist_
 import common
 import simclr
-from conftest import random_init_knn, run, torchrun
+from conftest import noise_image, random_init_knn, run, torchrun
 
 
 # ---------------------------------------------------------------------------
@@ -216,10 +215,6 @@ def flat(t):
     return [(t, 1.0)]
 
 
-def noise_image(side, seed=0):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8))
-
-
 @pytest.mark.parametrize("data,policy", [("cifar10", T.AutoAugmentPolicy.CIFAR10), ("svhn", T.AutoAugmentPolicy.SVHN),
                                          ("imagenet", T.AutoAugmentPolicy.IMAGENET)])
 def test_views_recipe(data, policy):
@@ -341,16 +336,6 @@ def test_model_heads_and_shapes():
     assert [(m.in_features, m.out_features) for m in linears] == [(512, 512), (512, 128)]
 
 
-class NoStop:
-    """StopSignal's interface without installing signal handlers in the test process."""
-
-    def check_loss(self, ctx, *loss_step_lr_scaler):
-        pass
-
-    def pending(self, ctx):
-        return False
-
-
 @pytest.mark.parametrize("argv,keep_positive,n_views",
                          [([], False, 3), (["--loss", "nt-xent", "--aux-policy", "none"], True, 2)])
 def test_train_one_epoch_minimises_the_chosen_loss(ctx, argv, keep_positive, n_views):
@@ -368,7 +353,7 @@ def test_train_one_epoch_minimises_the_chosen_loss(ctx, argv, keep_positive, n_v
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=args.weight_decay)
     step, stats, stopped = aag.train_one_epoch(
         model, [(views, torch.zeros(8))], optimizer, ctx.grad_scaler(), lambda s: 0.1, 0, 0, 10, args, ctx,
-        common.Progress(10, 0, 8), NoStop())
+        common.Progress(10, 0, 8), common.StopSignal(install=False))
     assert step == 1 and not stopped
     assert stats["loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert not torch.equal(before, model.backbone.conv1.weight)

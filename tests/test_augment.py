@@ -10,12 +10,7 @@ from PIL import Image
 
 import common
 import simclr
-
-
-def noise_image(w, h, seed=0, mode="RGB"):
-    g = np.random.default_rng(seed)
-    shape = (h, w, 3) if mode == "RGB" else (h, w)
-    return Image.fromarray(g.integers(0, 256, size=shape, dtype=np.uint8), mode)
+from conftest import noise_image
 
 
 def flat_transforms(t):

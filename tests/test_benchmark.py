@@ -96,12 +96,12 @@ def test_the_compute_alone_never_waits_for_data(monkeypatch):
 
 def test_sync_accounting():
     # steps 1..8, logging every 4: the log steps are 4 and 8 (and stop_at)
-    owners = [None, 1, 4, 8, 3, 6]
-    files = ["common.py", "grad_scaler.py", "simclr.py", "simclr.py", "simclr.py", "grad_scaler.py"]
-    assert benchmark.unexpected_syncs(owners, files, stop_at=8, log_every=4, fp16=True) == [(3, "simclr.py")]
-    assert benchmark.unexpected_syncs(owners, files, stop_at=8, log_every=4, fp16=False) == \
+    syncs = [(None, "common.py"), (1, "grad_scaler.py"), (4, "simclr.py"), (8, "simclr.py"), (3, "simclr.py"),
+             (6, "grad_scaler.py")]
+    assert benchmark.unexpected_syncs(syncs, stop_at=8, log_every=4, fp16=True) == [(3, "simclr.py")]
+    assert benchmark.unexpected_syncs(syncs, stop_at=8, log_every=4, fp16=False) == \
         [(1, "grad_scaler.py"), (3, "simclr.py"), (6, "grad_scaler.py")]
-    assert benchmark.unexpected_syncs([7], ["simclr.py"], stop_at=7, log_every=4, fp16=False) == []
+    assert benchmark.unexpected_syncs([(7, "simclr.py")], stop_at=7, log_every=4, fp16=False) == []
 
 
 def test_warnings_are_attributed_to_the_loop_step_they_happen_in():

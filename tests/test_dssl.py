@@ -18,7 +18,7 @@ from PIL import Image
 import common
 import dssl
 import dssl_dist_check as dist_setup
-from conftest import random_init_knn, run, torchrun
+from conftest import noise_image, random_init_knn, run, torchrun
 
 # ---------------------------------------------------------------------------
 # Slow, obviously-correct references: explicit loops over images i and dimensions d
@@ -295,15 +295,11 @@ def make_views(*flags):
     return dssl.DSSLViews(dssl.get_args(["--data", "synthetic", *flags]))
 
 
-def noise_image(seed, side=32):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8))
-
-
 def test_views_are_four_uint8_images_and_two_without_heavy():
     torch.manual_seed(0)
-    out = make_views()(noise_image(0))
+    out = make_views()(noise_image(32, seed=0))
     assert len(out) == 4 and all(v.dtype == torch.uint8 and v.shape == (3, 32, 32) for v in out)
-    assert len(make_views("--heavy", "off")(noise_image(0))) == 2
+    assert len(make_views("--heavy", "off")(noise_image(32, seed=0))) == 2
 
 
 def test_heavy_view_with_identity_augmentation_equals_its_own_source():
@@ -313,7 +309,7 @@ def test_heavy_view_with_identity_augmentation_equals_its_own_source():
     views.heavy = lambda img: img
     for seed in range(3):
         torch.manual_seed(seed)
-        v1, v2, h1, h2 = views(noise_image(seed))
+        v1, v2, h1, h2 = views(noise_image(32, seed=seed))
         assert torch.equal(h1, v1) and torch.equal(h2, v2)
         assert not torch.equal(v1, v2)
 
@@ -326,7 +322,7 @@ def test_jigsaw_heavy_view_is_a_tile_permutation_of_its_source():
     moved = False
     for seed in range(4):
         torch.manual_seed(seed)
-        v1, v2, h1, h2 = views(noise_image(seed))
+        v1, v2, h1, h2 = views(noise_image(32, seed=seed))
         assert tiles(h1) == tiles(v1) and tiles(h2) == tiles(v2)
         assert tiles(h1) != tiles(v2)
         moved |= not torch.equal(h1, v1)
@@ -412,7 +408,7 @@ def test_heavy_randaugment_applies_exactly_n_ops_with_replacement_at_fixed_magni
 def test_posterize_at_m5_keeps_at_most_two_grey_levels():
     """Posterize 0-4 at m=5 is 0.67 bits, floored at 1: at most 2 levels per channel."""
     torch.manual_seed(0)
-    out = np.asarray(one_op("Posterize")(noise_image(1)))
+    out = np.asarray(one_op("Posterize")(noise_image(32, seed=1)))
     assert all(len(np.unique(out[..., c])) <= 2 for c in range(3))
 
 

@@ -265,7 +265,8 @@ def test_sigterm_saves_and_resumes_bit_identical(run_a, tmp_path):
 
 def test_torchrun_two_processes_train_and_evaluate(tmp_path):
     """Under torchrun with 2 processes: rank 0 alone prints, last.pt reaches --max-steps, and
-    evaluate.py under torchrun counts every test image once: the same kNN top-1 as one process."""
+    evaluate.py under torchrun counts every test image once, with the training features in two
+    shards: the same kNN top-1 and linear-probe top-1 as one process."""
     out = tmp_path / "ddp"
     proc = torchrun(2, ["simclr.py", "--data", "synthetic", "--arch", "resnet_small", "--workers", "0",
                         "--batch-size", "32", "--subset", "128", "--max-steps", "4", "--knn-every", "0",
@@ -290,6 +291,10 @@ def test_torchrun_two_processes_train_and_evaluate(tmp_path):
     assert ddp["train_images"] == one["train_images"] == 128
     assert final_numbers(ddp_eval)[0] == final_numbers(one_eval)[0]
     assert ddp["knn_top1"] == pytest.approx(one["knn_top1"], abs=1e-6)
+    # The probe trains on the two shards of the training features, gradients summed: the one-process
+    # head up to float rounding in the sums (scale_dist_check.py compares the heads themselves).
+    assert ddp["linear_top1"] == pytest.approx(one["linear_top1"], abs=0.5)
+    assert one["linear_top1"] > 20, one  # 10 classes: the probe learned something
     assert sum(bool(FINAL_LINE.match(line)) for line in ddp_eval.stdout.splitlines()) == 1
 
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+from conftest import error_line
 
 CUDA = torch.device("cuda", 0)
 
@@ -254,10 +255,7 @@ def test_ddp_refuses_syncbn_over_split_bn(capsys):
     net, _ = common.resnet("resnet_small", 32)
     common.split_bn(net, 2)
     ctx = common.Context(0, 2, 0, torch.device("cpu"), None)
-    with pytest.raises(SystemExit) as e:
-        common.ddp(net, ctx, sync_bn=True)
-    err = capsys.readouterr().err
-    assert e.value.code == common.USAGE and err.count("\n") == 1 and err.startswith("error:") and "split" in err
+    assert "split" in error_line(capsys, lambda: common.ddp(net, ctx, sync_bn=True), common.USAGE)
     assert common.ddp(net, common.Context(0, 1, 0, torch.device("cpu"), None), sync_bn=True) is net  # one process: fine
 
 
@@ -334,19 +332,16 @@ def test_extract_features_feeds_a_channels_last_model_channels_last(ctx):
 # --deterministic
 # ---------------------------------------------------------------------------
 
-def test_deterministic_flag_turns_on_deterministic_algorithms(monkeypatch):
+def test_deterministic_flag_turns_on_deterministic_algorithms(monkeypatch, keep_rng):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    state = torch.get_rng_state()
     try:
         common.setup(argparse.Namespace(seed=0, amp="off", deterministic=True))
         assert torch.are_deterministic_algorithms_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
         torch.use_deterministic_algorithms(False)
-        torch.set_rng_state(state)
     common.setup(argparse.Namespace(seed=0, amp="off"))
     assert not torch.are_deterministic_algorithms_enabled()
-    torch.set_rng_state(state)
 
 
 # ---------------------------------------------------------------------------

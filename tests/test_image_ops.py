@@ -8,10 +8,7 @@ import torch
 from PIL import Image
 
 import common
-
-
-def noise(seed=0, side=32):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8))
+from conftest import noise_image
 
 
 def dot(x, y, side=32):
@@ -28,7 +25,7 @@ def where(img):
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_posterize_keeps_at_most_2_to_the_bits_levels_per_channel(bits):
-    out = np.asarray(common.posterize(noise(), bits))
+    out = np.asarray(common.posterize(noise_image(32), bits))
     for c in range(3):
         levels = np.unique(out[..., c])
         assert len(levels) <= 2 ** bits
@@ -38,8 +35,8 @@ def test_posterize_keeps_at_most_2_to_the_bits_levels_per_channel(bits):
 
 
 def test_posterize_at_one_bit_is_a_threshold_at_128():
-    src = np.asarray(noise(1)).astype(int)
-    assert np.array_equal(np.asarray(common.posterize(noise(1), 1)), np.where(src >= 128, 128, 0))
+    src = np.asarray(noise_image(32, seed=1)).astype(int)
+    assert np.array_equal(np.asarray(common.posterize(noise_image(32, seed=1), 1)), np.where(src >= 128, 128, 0))
 
 
 @pytest.mark.parametrize("v", [1, 3, 7, -5])
@@ -81,34 +78,34 @@ def test_cutout_paints_a_v_by_v_square_of_fill_with_the_torch_rng(v, seed):
 
 
 def test_cutout_of_size_zero_changes_nothing():
-    img = noise(3)
+    img = noise_image(32, seed=3)
     assert np.array_equal(np.asarray(common.cutout(img, 0)), np.asarray(img))
 
 
 @pytest.mark.parametrize("threshold", [0, 43, 128, 256])
 def test_solarize_inverts_values_at_or_above_the_threshold(threshold):
-    src = np.asarray(noise(4)).astype(int)
-    out = np.asarray(common.solarize(noise(4), threshold)).astype(int)
+    src = np.asarray(noise_image(32, seed=4)).astype(int)
+    out = np.asarray(common.solarize(noise_image(32, seed=4), threshold)).astype(int)
     assert np.array_equal(out, np.where(src >= threshold, 255 - src, src))
 
 
 @pytest.mark.parametrize("v", [0, 18, 110])
 def test_solarize_add_adds_clips_then_solarizes_at_128(v):
-    src = np.asarray(noise(5)).astype(int)
+    src = np.asarray(noise_image(32, seed=5)).astype(int)
     added = np.clip(src + v, 0, 255)
-    out = np.asarray(common.solarize_add(noise(5), v)).astype(int)
+    out = np.asarray(common.solarize_add(noise_image(32, seed=5), v)).astype(int)
     assert np.array_equal(out, np.where(added >= 128, 255 - added, added))
 
 
 def test_invert_and_identity():
-    src = np.asarray(noise(6)).astype(int)
-    assert np.array_equal(np.asarray(common.invert(noise(6))).astype(int), 255 - src)
-    assert common.identity(noise(6)).tobytes() == noise(6).tobytes()
+    src = np.asarray(noise_image(32, seed=6)).astype(int)
+    assert np.array_equal(np.asarray(common.invert(noise_image(32, seed=6))).astype(int), 255 - src)
+    assert common.identity(noise_image(32, seed=6)).tobytes() == noise_image(32, seed=6).tobytes()
 
 
 @pytest.mark.parametrize("op", [common.color, common.contrast, common.brightness, common.sharpness])
 def test_enhance_ops_are_the_identity_at_factor_1_and_change_the_image_otherwise(op):
-    src = np.asarray(noise(7)).astype(int)
-    assert np.array_equal(np.asarray(op(noise(7), 1.0)).astype(int), src)
-    assert np.abs(np.asarray(op(noise(7), 0.4)).astype(int) - src).mean() > 1
-    assert np.asarray(common.brightness(noise(7), 0.0)).max() == 0  # factor 0: black
+    src = np.asarray(noise_image(32, seed=7)).astype(int)
+    assert np.array_equal(np.asarray(op(noise_image(32, seed=7), 1.0)).astype(int), src)
+    assert np.abs(np.asarray(op(noise_image(32, seed=7), 0.4)).astype(int) - src).mean() > 1
+    assert np.asarray(common.brightness(noise_image(32, seed=7), 0.0)).max() == 0  # factor 0: black

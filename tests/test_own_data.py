@@ -6,31 +6,11 @@ import os
 import re
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import common
-from conftest import error_line, run, torchrun
-
-
-def write_images(folder, n, exts=("png",), size=(40, 36), seed=0):
-    """n small random images in `folder`, cycling through the extensions (any case)."""
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        ext = exts[i % len(exts)]
-        fmt = "JPEG" if ext.lower() in ("jpg", "jpeg") else ext.upper()
-        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i:03d}.{ext}"), fmt)
-
-
-def labelled_tree(root, classes=("cat", "dog"), n=4, val=True):
-    for c in classes:
-        write_images(os.path.join(root, "train", c), n)
-        if val:
-            write_images(os.path.join(root, "val", c), 2, seed=1)
-    return str(root)
+from conftest import error_line, labelled_tree, run, torchrun, write_images
 
 
 # ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from PIL import Image, ImageFilter
 
 import common
 import ressl
-from conftest import random_init_knn, run, torchrun
+from conftest import noise_image, random_init_knn, run, torchrun
 
 # ---------------------------------------------------------------------------
 # relational_loss against loops over i (images) and k (buffer entries)
@@ -225,14 +225,6 @@ def test_2x_backprop_forwards_each_crop_with_its_own_bn_statistics():
     assert not torch.allclose(z1, joint[0], atol=1e-3) and not torch.allclose(z2, joint[1], atol=1e-3)
 
 
-class NoStop:
-    def check_loss(self, ctx, *loss_step_lr_scaler):
-        pass
-
-    def pending(self, ctx):
-        return False
-
-
 def test_train_step_reads_buffer_before_enqueue_then_updates_teacher(ctx, monkeypatch):
     """One step of train_one_epoch (Algorithm 1): the student crops' loss sees the buffer as it was
     BEFORE this step's keys; afterwards the buffer holds this step's teacher embeddings and the teacher
@@ -253,7 +245,7 @@ def test_train_step_reads_buffer_before_enqueue_then_updates_teacher(ctx, monkey
                               log_every=100, epochs=1)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
     step, stats, _ = ressl.train_one_epoch(model, [(batch, None)], optimizer, ctx.grad_scaler(), lambda s: 0.5, 0, 0, 1,
-                                           args, ctx, common.Progress(1, 0, 4), NoStop())
+                                           args, ctx, common.Progress(1, 0, 4), common.StopSignal(install=False))
     assert step == 1 and len(seen) == 1  # one loss call over both student crops' rows
     for queue, _, _ in seen:
         assert torch.equal(queue, queue0)
@@ -321,7 +313,7 @@ def test_student_blur_is_pil_radius_sigma_not_a_3px_kernel():
                and isinstance(t.transforms[0], common.RandomPILBlur)]
     assert len(applies) == 1 and applies[0].p == 0.5 and applies[0].transforms[0].sigma == (0.1, 2.0)
     blur = applies[0].transforms[0]
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    img = noise_image(32)
     strong = []
     for seed in range(12):
         torch.manual_seed(seed)

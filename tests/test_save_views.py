@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import common
+from conftest import error_line
 
 PAD = 2  # make_grid's padding around every cell
 SMALL = ["--data", "synthetic", "--arch", "resnet_small", "--workers", "0", "--subset", "64", "--batch-size", "64",
@@ -30,14 +31,6 @@ CASES = {
     "dssl": ("dssl", [], 32, ["v", "v'", "t^(v)", "t^(v')"]),
     "dssl-heavy-off": ("dssl", ["--heavy", "off"], 32, ["v", "v'"]),
 }
-
-
-@pytest.fixture
-def keep_rng():
-    """main() seeds the global RNG (common.setup): restored after."""
-    state = torch.get_rng_state()
-    yield
-    torch.set_rng_state(state)
 
 
 def cell(grid, row, col, side):
@@ -138,9 +131,5 @@ def test_bad_input_is_one_line(flags, words, tmp_path, capsys, keep_rng):
     flags = [f.format(tmp=tmp_path) for f in flags]
     if "--save-views" not in flags:
         flags += ["--save-views", str(tmp_path / "v.png")]
-    with pytest.raises(SystemExit) as e:
-        ressl.main([*SMALL, "--out", str(tmp_path / "o"), *flags])
-    assert e.value.code == common.USAGE
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and words in err[0]
+    assert words in error_line(capsys, lambda: ressl.main([*SMALL, "--out", str(tmp_path / "o"), *flags]), common.USAGE)
     assert not list(tmp_path.iterdir())  # nothing written
