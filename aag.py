@@ -65,8 +65,6 @@ Deviations from the paper:
 """
 import argparse
 import functools
-import os
-import time
 
 import torch
 import torch.nn as nn
@@ -109,11 +107,11 @@ def get_args(argv=None):
                    help="features of the kNN monitor: the 128-d embedding, the last layer, as every kNN number in the "
                         "paper (Sec. Experiments, Evaluation protocols), or the backbone's h")
     args = parser.parse_args(argv)
-    recipes = {  # "small": Sec. Experiments (Table 1); "large": not in the paper (see Deviations)
-        "small": dict(arch="resnet18", epochs=200, batch_size=128, lr=0.03, weight_decay=5e-4, head="linear"),
-        "large": dict(arch="resnet50", epochs=200, batch_size=256, lr=0.03, weight_decay=5e-4, head="mlp"),
-    }
-    args = common.finish_args(args, "aag", recipes)
+    if args.data in common.LARGE_DATA:  # not in the paper (see Deviations)
+        recipe = dict(arch="resnet50", epochs=200, batch_size=256, lr=0.03, weight_decay=5e-4, head="mlp")
+    else:                               # Sec. Experiments (Table 1)
+        recipe = dict(arch="resnet18", epochs=200, batch_size=128, lr=0.03, weight_decay=5e-4, head="linear")
+    args = common.apply_recipe(args, "aag", recipe)
     if args.warmup_epochs is None:  # Fig. 3: "for batch sizes more than 256, we warm up the learning rate for 10 epochs"
         args.warmup_epochs = 10 if args.batch_size > 256 else 0
     if args.batch_size < 2:
@@ -143,15 +141,24 @@ class AAGViews:
     crop and flip (AutoAugment's policies have no crop), then the policy."""
 
     def __init__(self, args):
-        j = args.jitter
+        j, size = args.jitter, args.image_size
+        crop = [T.RandomResizedCrop(size, scale=(args.crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip()]  # ops i and iv; every view draws its own
         # G_basic, ops i-v; jitter on every view (p=1) and grayscale p=0.2 as in the authors' code.
-        self.basic = common.view_transform(args.image_size, scale=(args.crop_min, 1.0), jitter=(j, j, j, j),
-                                           p_jitter=1.0, p_gray=0.2, p_blur=args.blur, blur="kernel")
-        crop = common.view_transform(args.image_size, scale=(args.crop_min, 1.0))  # crop + flip only
-        self.aux = {"autoaugment": T.Compose([crop, common.autoaugment(args.data)]),  # CIFAR10/SVHN/IMAGENET policy
-                    "randaugment": T.Compose([crop, common.randaugment(2, 10)]),      # Table 7, (v)
-                    "basic": self.basic,                                              # Table 7, (ii)
-                    "none": None}[args.aux_policy]                                    # Table 7, (i)
+        self.basic = T.Compose([
+            *crop,
+            T.RandomApply([T.ColorJitter(j, j, j, j)], p=1.0),
+            T.RandomGrayscale(p=0.2),
+            # op v: SimCLR's Gaussian blur (App. A), kernel 10% of the side (odd), sigma 0.1-2.0; none at --blur 0
+            *([T.RandomApply([common.KernelBlur(max(3, int(0.1 * size) // 2 * 2 + 1), sigma=(0.1, 2.0))], p=args.blur)]
+              if args.blur > 0 else []),
+        ])
+        policy = {"svhn": T.AutoAugmentPolicy.SVHN, "imagenet": T.AutoAugmentPolicy.IMAGENET,   # AutoAugment's published
+                  "folder": T.AutoAugmentPolicy.IMAGENET}.get(args.data, T.AutoAugmentPolicy.CIFAR10)  # policy per data set
+        self.aux = {"autoaugment": T.Compose([*crop, T.AutoAugment(policy)]),                 # CIFAR10/SVHN/IMAGENET policy
+                    "randaugment": T.Compose([*crop, T.RandAugment(num_ops=2, magnitude=10)]),  # Table 7, (v)
+                    "basic": self.basic,                                                    # Table 7, (ii)
+                    "none": None}[args.aux_policy]                                          # Table 7, (i)
         self.names = ["g_basic1(d)", "g_basic2(d)"] + (["g_aux(d)"] if self.aux is not None else [])  # --save-views columns
 
     def __call__(self, img):
@@ -220,15 +227,12 @@ def gnt_xent_loss(x, y, z, tau, keep_positive=False):
 # Training
 # ---------------------------------------------------------------------------
 
-def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_at, args, ctx, progress, stop):
-    """Trains from optimizer step `step` to the end of the epoch (or stop_at,
-    or a stop request). Returns (step, epoch means of loss and z-std, stopped)."""
+def train_one_epoch(model, loader, optimizer, scaler, lr_at, run, args, ctx):
+    """One pass over the loader (a resumed run re-enters its epoch where it stopped)."""
     model.train()
-    sums, n, stopped = torch.zeros(3, device=ctx.device), 0, False  # loss, z-std, skipped steps: summed on the device
     for views, _ in loader:
-        lr = lr_at(step)
-        common.set_lr(optimizer, lr)
-        views = [common.to_device(v, ctx, args.data, args.channels_last) for v in views]  # uint8 -> normalised float
+        common.set_lr(optimizer, lr_at(run.step))
+        views = [common.normalize_on_device(v, ctx, args.data, args.channels_last) for v in views]  # uint8 -> normalised float
         with ctx.autocast():
             x, y, z = (*model(*views), None)[:3]  # z is None with --aux-policy none
         # DDP: every rank computes GNT-Xent over the GLOBAL batch; the gather keeps
@@ -238,30 +242,19 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
         loss = gnt_xent_loss(x, y, z, args.tau, keep_positive=args.loss == "nt-xent")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # AMP: scaled only in fp16
-        skipped = common.scaler_step(scaler, optimizer)  # AMP: 1 where fp16 skipped a step with overflowing gradients
-        step += 1
-        z_std = common.embedding_std(x)  # collapse indicator: ~1/sqrt(D) healthy, 0 collapsed
-        sums += torch.stack([loss.detach(), z_std, skipped])
-        n += 1
-        if step % args.log_every == 0 or step == stop_at:
-            if ctx.main:  # log steps hold the loop's only host syncs: this and check_loss
-                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}", data=loader), flush=True)
-            stop.check_loss(ctx, loss, step, lr, scaler)  # non-finite on any rank: every rank ends in one line
-        stopped = stop.pending(ctx)  # every step, on every rank alike: a stop request loses at most one step
-        if stopped or step >= stop_at:
-            break
-    loss, z_std, skipped = sums.tolist()
-    return step, dict(loss=loss / max(n, 1), z_std=z_std / max(n, 1), skipped_steps=round(skipped)), stopped
+        scaler.step(optimizer)
+        scaler.update()
+        if run.end_step(loss, x):  # progress line, finite-loss check, stop request
+            return
 
 
 def main(argv=None):
     args = get_args(argv)
     ctx = common.setup(args)
-    pretrain_set, train_set, test_set = common.load_data(args, ctx)
-    loader, sampler = common.train_loader(pretrain_set, AAGViews(args), args.batch_size, args.workers, args.seed, ctx)
+    data = common.load_data(args, ctx)
+    loader = common.train_loader(data.pretrain, AAGViews(args), args.batch_size, args.workers, args.seed, ctx)
     if args.save_views:  # look before you train: a PNG of the epoch-0 views of the first images, then stop
-        common.save_views(args, loader.dataset, ctx)
-        return common.teardown()
+        return common.save_views(args, loader.dataset, ctx)
 
     model = AAG(args.arch, args.image_size, args.proj_dim, args.head).to(ctx.device)
     if args.channels_last:
@@ -270,49 +263,20 @@ def main(argv=None):
     # SGD with momentum 0.9 and weight decay on every parameter (Sec. Experiments).
     optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
     scaler = ctx.grad_scaler()
-    step = common.resume(args, model, optimizer, scaler)  # DDP: resume, then wrap: DDP sends rank 0's weights to all
-    ddp_model = common.ddp(model, ctx)  # SyncBN on GPUs: BN over the global batch, as on the paper's one GPU
-    common.start_run(args, ctx)  # after resume() accepted OUT's checkpoint: a refused run leaves OUT untouched
-
-    steps_per_epoch = sampler.steps
-    total_steps = args.epochs * steps_per_epoch
-    stop_at = min(total_steps, args.max_steps or total_steps)
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    if args.schedule == "cosine":  # Sec. Experiments: CosineLR without restarts
-        lr_at = functools.partial(common.lr_at, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr)
-    else:
-        lr_at = functools.partial(step_lr, warmup_steps=warmup_steps, base_lr=base_lr, steps_per_epoch=steps_per_epoch, milestones=args.milestones)
     # kNN on the last layer's output (the paper's protocol) or on h: same weights, no copy.
     knn_net = nn.Sequential(model.backbone, model.projector) if args.knn_features == "embedding" else model.backbone
-    progress, stop = common.Progress(stop_at, step, args.batch_size), common.StopSignal()
-    if ctx.main:
-        print(f"aag: {args.arch} on {args.data} ({len(pretrain_set)} images), {ctx.world} process(es) on {ctx.device}, "
-              f"batch {args.batch_size}, lr {base_lr:.4g}, {steps_per_epoch} steps/epoch, from step {step}", flush=True)
+    run = common.Run(args, ctx, model, optimizer, scaler, loader, data, knn_net)  # resumes; DDP: before wrapping
+    warmup_steps = round(args.warmup_epochs * run.steps_per_epoch)
+    if args.schedule == "cosine":  # Sec. Experiments: CosineLR without restarts
+        lr_at = functools.partial(common.lr_at, total_steps=run.total_steps, base_lr=base_lr, warmup_steps=warmup_steps)
+    else:                          # Table 7 (iii): StepLR after the same warmup
+        lr_at = functools.partial(step_lr, warmup_steps=warmup_steps, base_lr=base_lr,
+                                  steps_per_epoch=run.steps_per_epoch, milestones=args.milestones)
+    ddp_model = common.ddp(model, ctx)  # SyncBN on GPUs: BN over the global batch, as on the paper's one GPU
 
-    epoch = step // steps_per_epoch
-    while step < stop_at:
-        sampler.set_epoch(epoch, start_step=step - epoch * steps_per_epoch)
-        progress.restart(step)
-        t0, first_step = time.perf_counter(), step
-        step, stats, stopped = train_one_epoch(ddp_model, loader, optimizer, scaler, lr_at, epoch, step, stop_at,
-                                               args, ctx, progress, stop)
-        elapsed = time.perf_counter() - t0
-        record = dict(epoch=epoch + 1, step=step, **stats, lr=lr_at(step - 1),
-                      images_per_s=(step - first_step) * args.batch_size / elapsed, data_wait=loader.data_wait(),
-                      time=elapsed, complete=step == (epoch + 1) * steps_per_epoch)
-        if record["complete"] and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step == total_steps):
-            record["knn_top1"] = common.knn_accuracy(knn_net, train_set, test_set, common.num_classes(args.data, train_set),
-                                                     ctx, args.image_size, args.data, workers=args.workers)
-        if ctx.main:
-            common.save_run(args, model, model.backbone, optimizer, scaler, step, epoch=step // steps_per_epoch)
-            common.log_json(os.path.join(args.out, "log.jsonl"), record)
-            print(f"epoch {epoch + 1} {'done' if record['complete'] else 'saved mid-way'}: loss {stats['loss']:.4f}"
-                  + (f", kNN top-1 {record['knn_top1']:.2f}" if "knn_top1" in record else ""), flush=True)
-        if stopped:
-            if ctx.main:
-                print(f"stopped at step {step}; run the same command again to resume", flush=True)
-            break
-        epoch += 1
+    for epoch in run.epochs():
+        train_one_epoch(ddp_model, loader, optimizer, scaler, lr_at, run, args, ctx)
+        run.end_epoch()  # last.pt and backbone.pt, the kNN monitor, log.jsonl
     common.teardown()
 
 

@@ -60,8 +60,6 @@ Deviations from the paper (default = what produced the paper's numbers):
 import argparse
 import copy
 import functools
-import os
-import time
 
 import torch
 import torch.nn as nn
@@ -115,14 +113,14 @@ def get_args(argv=None):
                         "by the stronger augmentation: a strongly augmented image through the key encoder); "
                         "contrastive (L_C of each strong view in place of L_D)")
     args = parser.parse_args(argv)
-    recipes = {  # "small": MoCo's CIFAR demo values (the paper has none); "large": the paper's ImageNet setting (Sec. 3.3, 4.1)
-        "small": dict(arch="resnet18", epochs=200, batch_size=512, lr=0.03, weight_decay=5e-4, warmup_epochs=0,
-                      queue_size=4096, ema_momentum=0.99, blur=0.0),
-        "large": dict(arch="resnet50", epochs=200, batch_size=256, lr=0.03, weight_decay=1e-4, warmup_epochs=0,
-                      queue_size=65536, ema_momentum=0.999, blur=0.5, strong_sizes=[96]),
-    }
-    args = common.finish_args(args, "clsa", recipes)
-    return check_clsa_args(args, world=int(os.environ.get("WORLD_SIZE", 1)))
+    if args.data in common.LARGE_DATA:  # the paper's ImageNet setting (Sec. 3.3, 4.1)
+        recipe = dict(arch="resnet50", epochs=200, batch_size=256, lr=0.03, weight_decay=1e-4, warmup_epochs=0,
+                      queue_size=65536, ema_momentum=0.999, blur=0.5, strong_sizes=[96])
+    else:                               # MoCo's CIFAR demo values (the paper has none)
+        recipe = dict(arch="resnet18", epochs=200, batch_size=512, lr=0.03, weight_decay=5e-4, warmup_epochs=0,
+                      queue_size=4096, ema_momentum=0.99, blur=0.0)
+    args = common.apply_recipe(args, "clsa", recipe)
+    return check_clsa_args(args)
 
 
 def crop_scales(sizes, scales, image_size, flag, usage):
@@ -140,8 +138,9 @@ def crop_scales(sizes, scales, image_size, flag, usage):
     return scales
 
 
-def check_clsa_args(args, world):
-    """Derived defaults (crops, BN groups) and the checks that need several flags."""
+def check_clsa_args(args):
+    """Derived defaults (the views' sizes and crops) and the checks that need several
+    flags; the BN groups depend on the number of processes: main() sets them."""
     usage = functools.partial(common.fail, code=common.USAGE)
     if args.variant in STRONG_QUERY and args.weak_sizes is not None:
         usage(f"--variant {args.variant} has no weak query; drop --weak-sizes")
@@ -151,13 +150,6 @@ def check_clsa_args(args, world):
     args.strong_scales = crop_scales(args.strong_sizes, args.strong_scales, args.image_size, "strong", usage)
     if args.queue_size < args.batch_size:
         usage(f"--queue-size {args.queue_size} must hold at least one global batch of {args.batch_size} keys")
-    if args.bn_splits is None:
-        args.bn_splits = 8 if world == 1 else 1
-    if world > 1 and args.bn_splits != 1:
-        usage("--bn-splits must be 1 under torchrun: the key batch is shuffled across the GPUs instead (MoCo)")
-    if args.batch_size // world % args.bn_splits:
-        usage(f"the batch of {args.batch_size // world} per process does not split into "
-              f"--bn-splits {args.bn_splits} BN groups")
     return args
 
 
@@ -258,10 +250,14 @@ class CLSAViews:
     augmentation as well)."""
 
     def __init__(self, args):
-        jitter = (0.4, 0.4, 0.4, 0.1)  # MoCo v2's colour jitter, the "weaker augmentation" of Sec. 3.3
-
-        def weak(size, scale):  # MoCo v2's T with its PIL blur (the authors' Image_ops.GaussianBlur)
-            return common.view_transform(size, scale=scale, jitter=jitter, p_blur=args.blur, blur="pil")
+        def weak(size, scale):  # MoCo v2's T, the "weaker augmentation" of Sec. 3.3
+            return T.Compose([
+                T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip(),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+                *([T.RandomApply([common.RandomPILBlur((0.1, 2.0))], p=args.blur)] if args.blur > 0 else []),
+            ])  # MoCo v2's PIL blur (the authors' Image_ops.GaussianBlur), none where --blur is 0
 
         strong = StrongerAugmentation(args.strong_ops, args.strong_draws, args.strong_p)
         key = weak(args.image_size, (0.2, 1.0))
@@ -304,10 +300,6 @@ class CLSA(nn.Module):
         queue = torch.randn(queue_size, proj_dim, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("queue", F.normalize(queue, dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # row the next key goes to
-        # DDP: every process enqueues the same gathered keys, so the copies stay
-        # equal without DDP re-broadcasting the queue each step (K x D x 4 bytes:
-        # 32 MB on ImageNet).
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ["queue", "queue_ptr"])
 
     def query_parameters(self):
         return [*self.backbone.parameters(), *self.projector.parameters()]
@@ -317,12 +309,11 @@ class CLSA(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self):
-        """Algorithm 1, line 8: phi <- alpha * phi + (1 - alpha) * theta, for every
-        parameter (one fused kernel per op rather than two per tensor). The key
-        encoder's BN running statistics stay its own, as in MoCo."""
-        phi, theta = self.key_parameters(), self.query_parameters()
-        torch._foreach_mul_(phi, self.ema_momentum)
-        torch._foreach_add_(phi, theta, alpha=1.0 - self.ema_momentum)
+        """Algorithm 1, line 8, for every parameter of the key encoder. Its BN
+        running statistics stay its own, as in MoCo."""
+        alpha = self.ema_momentum
+        for phi, theta in zip(self.key_parameters(), self.query_parameters()):
+            phi.mul_(alpha).add_(theta.detach(), alpha=1 - alpha)  # line 8: phi <- alpha phi + (1 - alpha) theta
 
     @torch.no_grad()
     def enqueue(self, k):
@@ -408,50 +399,45 @@ def clsa_objective(q_weak, q_strong, k, queue, tau, beta=1.0, variant="clsa", of
 # Training
 # ---------------------------------------------------------------------------
 
-def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_at, args, ctx, progress, stop):
-    """Trains from optimizer step `step` to the end of the epoch (or stop_at,
-    or a stop request). Returns (step, epoch means of loss and z-std, stopped)."""
+def train_one_epoch(model, loader, optimizer, scaler, lr_at, run, args, ctx):
+    """One pass over the loader (a resumed run re-enters its epoch where it stopped)."""
     model.train()
-    sums, n, stopped = torch.zeros(3, device=ctx.device), 0, False  # loss, z-std, skipped steps: summed on the device
     n_weak = 0 if args.variant in STRONG_QUERY else len(args.weak_sizes)  # qs: weak queries first, then strong
     for (x_k, *xs_q), _ in loader:
-        lr = lr_at(step)
-        common.set_lr(optimizer, lr)
-        x_k = common.to_device(x_k, ctx, args.data, args.channels_last)  # uint8 -> normalised float
-        xs_q = [common.to_device(x, ctx, args.data, args.channels_last) for x in xs_q]
+        common.set_lr(optimizer, lr_at(run.step))
+        x_k = common.normalize_on_device(x_k, ctx, args.data, args.channels_last)  # uint8 -> normalised float
+        xs_q = [common.normalize_on_device(x, ctx, args.data, args.channels_last) for x in xs_q]
         with ctx.autocast():
-            # The shuffle-BN permutation comes from (seed, step): a resumed run draws the same one.
-            qs, k, queue = model(x_k, xs_q, args.seed * 10**9 + step)
+            # Also updates phi (Algorithm 1, line 8) and enqueues the keys. The shuffle-BN
+            # permutation comes from (seed, step): a resumed run draws the same one.
+            qs, k, queue = model(x_k, xs_q, args.seed * 2**32 + run.step)
         # DDP: each rank's loss is over its own queries; the bank holds every rank's keys,
         # this rank's queries' own keys at rows rank*n..rank*n+n-1.
         loss = clsa_objective(qs[:n_weak], qs[n_weak:], k, queue, args.tau, args.beta, args.variant,
                               offset=ctx.rank * len(x_k))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # AMP: scaled only in fp16
-        skipped = common.scaler_step(scaler, optimizer)  # AMP: 1 where fp16 skipped a step with overflowing gradients
-        step += 1
-        z_std = common.embedding_std(qs[0])  # collapse indicator: ~1/sqrt(D) healthy, 0 collapsed
-        sums += torch.stack([loss.detach(), z_std, skipped])
-        n += 1
-        if step % args.log_every == 0 or step == stop_at:
-            if ctx.main:  # log steps hold the loop's only host syncs: this and check_loss
-                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}", data=loader), flush=True)
-            stop.check_loss(ctx, loss, step, lr, scaler)  # non-finite on any rank: every rank ends in one line
-        stopped = stop.pending(ctx)  # every step, on every rank alike: a stop request loses at most one step
-        if stopped or step >= stop_at:
-            break
-    loss, z_std, skipped = sums.tolist()
-    return step, dict(loss=loss / max(n, 1), z_std=z_std / max(n, 1), skipped_steps=round(skipped)), stopped
+        scaler.step(optimizer)
+        scaler.update()
+        if run.end_step(loss, qs[0]):  # progress line, finite-loss check, stop request
+            return
 
 
 def main(argv=None):
     args = get_args(argv)
     ctx = common.setup(args)
-    pretrain_set, train_set, test_set = common.load_data(args, ctx)
-    loader, sampler = common.train_loader(pretrain_set, CLSAViews(args), args.batch_size, args.workers, args.seed, ctx)
+    if args.bn_splits is None:  # MoCo's CIFAR demo: BN over 8 groups in one process; under torchrun, shuffle-BN
+        args.bn_splits = 8 if ctx.world == 1 else 1
+    if ctx.world > 1 and args.bn_splits != 1:
+        common.fail("--bn-splits must be 1 under torchrun: the key batch is shuffled across the GPUs instead (MoCo)",
+                    common.USAGE)
+    if args.batch_size // ctx.world % args.bn_splits:
+        common.fail(f"the batch of {args.batch_size // ctx.world} per process does not split into "
+                    f"--bn-splits {args.bn_splits} BN groups", common.USAGE)
+    data = common.load_data(args, ctx)
+    loader = common.train_loader(data.pretrain, CLSAViews(args), args.batch_size, args.workers, args.seed, ctx)
     if args.save_views:  # look before you train: a PNG of the epoch-0 views of the first images, then stop
-        common.save_views(args, loader.dataset, ctx)
-        return common.teardown()
+        return common.save_views(args, loader.dataset, ctx)
 
     model = CLSA(args.arch, args.image_size, args.hidden_dim, args.proj_dim, args.queue_size, args.ema_momentum,
                  args.bn_splits, args.seed).to(ctx.device)
@@ -461,44 +447,16 @@ def main(argv=None):
     # Sec. 4.1: SGD, momentum 0.9, weight decay on every trained tensor (as MoCo); the key encoder is not trained.
     optimizer = torch.optim.SGD(model.query_parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
     scaler = ctx.grad_scaler()
-    step = common.resume(args, model, optimizer, scaler)  # DDP: resume, then wrap: DDP sends rank 0's weights to all
-    ddp_model = common.ddp(model, ctx, sync_bn=False)  # per-process BN, as MoCo: shuffle-BN guards the keys
-    common.start_run(args, ctx)  # after resume() accepted OUT's checkpoint: a refused run leaves OUT untouched
+    run = common.Run(args, ctx, model, optimizer, scaler, loader, data)  # resumes; DDP: before wrapping
+    lr_at = functools.partial(common.lr_at, total_steps=run.total_steps, base_lr=base_lr,
+                              warmup_steps=round(args.warmup_epochs * run.steps_per_epoch))
+    # Per-process BN, as MoCo: shuffle-BN guards the keys. Every process enqueues the same gathered
+    # keys, so the queue stays equal without DDP broadcasting it each step (K x D x 4 bytes: 32 MB on ImageNet).
+    ddp_model = common.ddp(model, ctx, sync_bn=False, same_on_every_rank=("queue", "queue_ptr"))
 
-    steps_per_epoch = sampler.steps
-    total_steps = args.epochs * steps_per_epoch
-    stop_at = min(total_steps, args.max_steps or total_steps)
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    lr_at = functools.partial(common.lr_at, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr)
-    progress, stop = common.Progress(stop_at, step, args.batch_size), common.StopSignal()
-    if ctx.main:
-        print(f"clsa: {args.arch} on {args.data} ({len(pretrain_set)} images), {ctx.world} process(es) on {ctx.device}, "
-              f"batch {args.batch_size}, lr {base_lr:.4g}, {steps_per_epoch} steps/epoch, from step {step}", flush=True)
-
-    epoch = step // steps_per_epoch
-    while step < stop_at:
-        sampler.set_epoch(epoch, start_step=step - epoch * steps_per_epoch)
-        progress.restart(step)
-        t0, first_step = time.perf_counter(), step
-        step, stats, stopped = train_one_epoch(ddp_model, loader, optimizer, scaler, lr_at, epoch, step, stop_at,
-                                               args, ctx, progress, stop)
-        elapsed = time.perf_counter() - t0
-        record = dict(epoch=epoch + 1, step=step, **stats, lr=lr_at(step - 1),
-                      images_per_s=(step - first_step) * args.batch_size / elapsed, data_wait=loader.data_wait(),
-                      time=elapsed, complete=step == (epoch + 1) * steps_per_epoch)
-        if record["complete"] and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step == total_steps):
-            record["knn_top1"] = common.knn_accuracy(model.backbone, train_set, test_set, common.num_classes(args.data, train_set),
-                                                     ctx, args.image_size, args.data, workers=args.workers)
-        if ctx.main:
-            common.save_run(args, model, model.backbone, optimizer, scaler, step, epoch=step // steps_per_epoch)
-            common.log_json(os.path.join(args.out, "log.jsonl"), record)
-            print(f"epoch {epoch + 1} {'done' if record['complete'] else 'saved mid-way'}: loss {stats['loss']:.4f}"
-                  + (f", kNN top-1 {record['knn_top1']:.2f}" if "knn_top1" in record else ""), flush=True)
-        if stopped:
-            if ctx.main:
-                print(f"stopped at step {step}; run the same command again to resume", flush=True)
-            break
-        epoch += 1
+    for epoch in run.epochs():
+        train_one_epoch(ddp_model, loader, optimizer, scaler, lr_at, run, args, ctx)
+        run.end_epoch()  # last.pt and backbone.pt, the kNN monitor, log.jsonl
     common.teardown()
 
 

@@ -59,11 +59,14 @@ import copy
 import functools
 import math
 import os
-import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageOps
 
 import common
 
@@ -121,22 +124,20 @@ def get_args(argv=None):
         common.fail("--naive is --weights 1 1 0 0; give one of the two", common.USAGE)
     if args.out is None:  # one folder per framework and baseline, so that --resume auto never mixes them
         args.out = os.path.join("runs", f"dssl-{args.framework}{'-noheavy' if args.heavy == 'off' else ''}-{args.data}")
-    # "small": CIFAR, the authors' CIFAR trainer (simsiam_cifar10/run.py: SimSiam's CIFAR recipe, Sec. 4.2, plus
-    # 10 warmup epochs); "large": ImageNet, Sec. 4.1 and the authors' ImageNet code (lr 0.1 at B=512).
-    recipes = {
-        "small": dict(arch="resnet18", epochs=800, batch_size=512, lr=0.03, weight_decay=5e-4, warmup_epochs=10,
-                      proj_layers=2, ema_momentum=0.99, ema_schedule="constant", tau=0.5, p_jigsaw=0.0,
-                      crop_min=0.2, color_strength=0.5, blur=0.0),
-        "large": dict(arch="resnet50", epochs=100, batch_size=512, lr=0.05, weight_decay=1e-4, warmup_epochs=0,
+    if args.data in common.LARGE_DATA:  # Sec. 4.1 and the authors' ImageNet code (lr 0.1 at B=512)
+        recipe = dict(arch="resnet50", epochs=100, batch_size=512, lr=0.05, weight_decay=1e-4, warmup_epochs=0,
                       proj_layers=3, ema_momentum=0.99, ema_schedule="constant", tau=0.1, p_jigsaw=0.1,
-                      crop_min=0.2, color_strength=0.5, blur=0.5),
-    }
+                      crop_min=0.2, color_strength=0.5, blur=0.5)
+        if args.framework == "simclr":  # SimCLR's own recipe (Sec. 4.1): simclr-pytorch's imagenet_train_*bs512.yaml
+            recipe.update(lr=0.3, weight_decay=1e-6, warmup_epochs=None, crop_min=0.08, color_strength=1.0)
+    else:                               # the authors' CIFAR trainer (simsiam_cifar10/run.py): SimSiam's + warmup
+        recipe = dict(arch="resnet18", epochs=800, batch_size=512, lr=0.03, weight_decay=5e-4, warmup_epochs=10,
+                      proj_layers=2, ema_momentum=0.99, ema_schedule="constant", tau=0.5, p_jigsaw=0.0,
+                      crop_min=0.2, color_strength=0.5, blur=0.0)
+        if args.framework == "simclr":  # SimCLR's own recipe (Sec. 4.1): simclr-pytorch's cifar_train_*.yaml
+            recipe.update(lr=1.0, weight_decay=1e-6, warmup_epochs=None, crop_min=0.08)
+    args = common.apply_recipe(args, "dssl", recipe)
     large = args.data in common.LARGE_DATA
-    if args.framework == "simclr":  # SimCLR's own recipe (Sec. 4.1), AndrewAtanov/simclr-pytorch configs
-        recipes["small"].update(lr=1.0, weight_decay=1e-6, warmup_epochs=None, crop_min=0.08)   # cifar_train_*.yaml
-        recipes["large"].update(lr=0.3, weight_decay=1e-6, warmup_epochs=None, crop_min=0.08,  # imagenet_train_*bs512.yaml
-                                color_strength=1.0)
-    args = common.finish_args(args, "dssl", recipes)
     if args.warmup_epochs is None:  # simclr: warmup 1% (CIFAR) / 10% (ImageNet) of the run, as its configs
         args.warmup_epochs = args.epochs * (0.1 if large else 0.01)
     if args.heavy == "on" and args.weights is None:
@@ -156,6 +157,42 @@ def get_args(argv=None):
 # Views (Sec. 3.2, App. A): two standard views, and a heavy view made from each
 # ---------------------------------------------------------------------------
 
+def solarize_add(img, v, threshold=128):
+    """SolarizeAdd of the table below: add v to every value (clipped to 0-255), then solarize at `threshold`."""
+    x = np.clip(np.asarray(img).astype(np.int16) + int(v), 0, 255).astype(np.uint8)
+    return ImageOps.solarize(Image.fromarray(x, img.mode), threshold)
+
+
+def cutout(img, v, fill=(128, 128, 128)):
+    """CutoutAbs: a v x v square of `fill` centred on a random pixel, clipped at the border (DeVries & Taylor 2017)."""
+    v = int(round(v))
+    if v <= 0:
+        return img
+    w, h = img.size
+    cx, cy = int(torch.randint(w, ())), int(torch.randint(h, ()))
+    x0, y0 = max(0, cx - v // 2), max(0, cy - v // 2)
+    img = img.copy()
+    img.paste(tuple(fill) if img.mode == "RGB" else fill[0], (x0, y0, min(w, x0 + v), min(h, y0 + v)))
+    return img
+
+
+class Jigsaw:
+    """Jigsaw(grid), App. A.2: grid x grid tiles put back in random order; pixels past the last whole tile stay."""
+
+    def __init__(self, grid=4):
+        self.grid = grid
+
+    def __call__(self, img):
+        x = TF.pil_to_tensor(img)  # [C, H, W] uint8
+        g, (c, h, w) = self.grid, x.shape
+        th, tw = h // g, w // g
+        tiles = x[:, : g * th, : g * tw].reshape(c, g, th, g, tw).permute(1, 3, 0, 2, 4).reshape(g * g, c, th, tw)
+        tiles = tiles[torch.randperm(g * g)]
+        out = x.clone()
+        out[:, : g * th, : g * tw] = tiles.reshape(g, g, c, th, tw).permute(2, 0, 3, 1, 4).reshape(c, g * th, g * tw)
+        return TF.to_pil_image(out)
+
+
 class HeavyRandAugment:
     """RA(n, m) as the authors ran it (App. A.2; Yif-Yang/DSSL augmentations/rand_aug_custom.py,
     the TPU EfficientNet RandAugment table): n ops drawn uniformly WITH replacement from
@@ -164,21 +201,21 @@ class HeavyRandAugment:
     (whose m=5 is a 7-bit posterize and 2 px shifts) this is heavy on 32 px images: at
     m=5 a 1-bit posterize, 17 px shifts, 6.7 px cutout, enhance factor 0.4."""
 
-    OPS = {  # name: (pixel op from common, low, high, random sign)
+    OPS = {  # name: (pixel op, low, high, random sign)
         "AutoContrast": (common.auto_contrast, 0, 1, False),
         "Equalize": (common.equalize, 0, 1, False),
         "Invert": (common.invert, 0, 1, False),
         "Rotate": (common.rotate, 0, 30, True),                                     # degrees
         "Posterize": (lambda img, v: common.posterize(img, max(1, int(v))), 0, 4, False),  # bits kept, at least 1
         "Solarize": (common.solarize, 0, 256, False),                               # threshold
-        "SolarizeAdd": (common.solarize_add, 0, 110, False),                        # added, then solarize at 128
+        "SolarizeAdd": (solarize_add, 0, 110, False),                               # added, then solarize at 128
         "Color": (common.color, 0.1, 1.9, False),                                   # enhance factors
         "Contrast": (common.contrast, 0.1, 1.9, False),
         "Brightness": (common.brightness, 0.1, 1.9, False),
         "Sharpness": (common.sharpness, 0.1, 1.9, False),
         "ShearX": (common.shear_x, 0.0, 0.3, True),
         "ShearY": (common.shear_y, 0.0, 0.3, True),
-        "CutoutAbs": (lambda img, v: common.cutout(img, v, fill=(125, 123, 114)), 0, 40, False),  # side in px; their fill
+        "CutoutAbs": (lambda img, v: cutout(img, v, fill=(125, 123, 114)), 0, 40, False),  # side in px; their fill
         "TranslateX": (common.translate_x, 0.0, 100.0, True),                      # absolute pixels, not a fraction
         "TranslateY": (common.translate_y, 0.0, 100.0, True),
     }
@@ -209,7 +246,7 @@ class HeavyAugment:
     Works on a PIL image: the standard view."""
 
     def __init__(self, n, m, grid, p_jigsaw):
-        self.randaugment, self.jigsaw, self.p_jigsaw = HeavyRandAugment(n, m), common.Jigsaw(grid), p_jigsaw
+        self.randaugment, self.jigsaw, self.p_jigsaw = HeavyRandAugment(n, m), Jigsaw(grid), p_jigsaw
 
     def __call__(self, img):
         return self.jigsaw(img) if float(torch.rand(())) < self.p_jigsaw else self.randaugment(img)
@@ -220,10 +257,18 @@ class DSSLViews:
     `heavy` is an attribute so a test can swap it for the identity."""
 
     def __init__(self, args):
-        s = args.color_strength
-        self.t = common.view_transform(args.image_size, scale=(args.crop_min, 1.0), jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
-                                       p_jitter=0.8, p_gray=0.2, p_blur=args.blur,  # T, App. A.1
-                                       blur="kernel" if args.framework == "simclr" else "pil")  # SimCLR's / MoCo v2's blur
+        s, size = args.color_strength, args.image_size
+        if args.framework == "simclr":  # SimCLR's blur: the kernel odd, 10% of the side (SimCLR App. A)
+            blur = common.KernelBlur(max(3, int(0.1 * size) // 2 * 2 + 1), sigma=(0.1, 2.0))
+        else:                           # MoCo v2's PIL blur, as the authors' code
+            blur = common.RandomPILBlur((0.1, 2.0))
+        self.t = T.Compose([
+            T.RandomResizedCrop(size, scale=(args.crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),  # colour distortion, strength s
+            T.RandomGrayscale(p=0.2),
+            *([T.RandomApply([blur], p=args.blur)] if args.blur > 0 else []),  # none on CIFAR (the authors' pipeline)
+        ])  # T, App. A.1
         self.heavy = HeavyAugment(args.ra_n, args.ra_m, args.jigsaw_grid, args.p_jigsaw) if args.heavy == "on" else None
         self.names = ["v", "v'"] + (["t^(v)", "t^(v')"] if self.heavy is not None else [])  # --save-views columns
 
@@ -299,11 +344,12 @@ class DSSL(nn.Module):
 
     @torch.no_grad()
     def update_target(self, m):
-        """BYOL's EMA (Sec. 3.1): xi <- m * xi + (1 - m) * theta, after each optimizer step."""
+        """BYOL's target update, after each optimizer step: the target xi (f and g) is an
+        exponential moving average of the online theta, m its momentum."""
         online = [*self.backbone.parameters(), *self.projector.parameters()]
         target = [*self.target_backbone.parameters(), *self.target_projector.parameters()]
-        torch._foreach_mul_(target, m)  # one fused kernel per op over all tensors, not one launch per tensor
-        torch._foreach_add_(target, online, alpha=1 - m)
+        for xi, theta in zip(target, online):
+            xi.mul_(m).add_(theta.detach(), alpha=1 - m)  # BYOL Sec. 3.1: xi <- m xi + (1 - m) theta
 
 
 def target_momentum(step, total_steps, base, schedule):
@@ -367,7 +413,8 @@ def dssl_nt_xent_loss(z1, z2, zh1, zh2, tau, weights=(1.0, 0.0, 1.0, 0.0)):
     projections of v, v', v^, v^'. weights = (alpha, beta, gamma, delta):
         alpha NT-Xent(z1, z2) + beta NT-Xent(zh1, zh2)
         + gamma [D(zh1, z1) + D(zh2, z2)] / 2 + delta [D(z1, zh1) + D(z2, zh2)] / 2
-    Design choice (SPEC 3.5): SimCLR has no predictor, so L_A pulls each heavy
+    A design choice (the paper gives only the "+2n" cost of Sec. 4.1 for SimCLR):
+    SimCLR has no predictor, so L_A pulls each heavy
     projection toward the stop-gradient projection of its source (y(v) = g(f(v)),
     Sec. 3.1) with D, the same pair loss as Eq. (4), rather than adding the heavy
     views to the softmax: that adds 2n similarities to NT-Xent's 2n^2 (Sec. 4.1)
@@ -384,8 +431,8 @@ def dssl_nt_xent_loss(z1, z2, zh1, zh2, tau, weights=(1.0, 0.0, 1.0, 0.0)):
 def training_loss(p, z, args):
     """The framework's loss on the model's outputs (lists over the views)."""
     if args.framework == "simclr":
-        # DDP: every rank computes the loss over the GLOBAL batch; the gather keeps the
-        # graph, so negatives from other GPUs also send gradient back (SPEC 5).
+        # DDP: every rank computes the loss over the GLOBAL batch, as one process would; the
+        # gather keeps the graph, so negatives from other GPUs also send gradient back.
         z = [common.gather_with_grad(t) for t in z]
         return nt_xent_loss(z[0], z[1], args.tau) if args.heavy == "off" else dssl_nt_xent_loss(*z, args.tau, args.weights)
     # SimSiam/BYOL: D is a mean over images; DDP's gradient averaging makes it the global mean.
@@ -398,47 +445,35 @@ def training_loss(p, z, args):
 # Training
 # ---------------------------------------------------------------------------
 
-def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_at, args, ctx, progress, stop):
-    """Trains from optimizer step `step` to the end of the epoch (or stop_at,
-    or a stop request). Returns (step, epoch means of loss and z-std, stopped)."""
+def train_one_epoch(model, loader, optimizer, scaler, lr_at, run, args, ctx):
+    """One pass over the loader (a resumed run re-enters its epoch where it stopped)."""
     model.train()
-    sums, n, stopped = torch.zeros(3, device=ctx.device), 0, False  # loss, z-std, skipped steps: summed on the device
-    total_steps = args.epochs * loader.sampler.steps  # K of the BYOL momentum schedule
     for views, _ in loader:
-        lr = lr_at(step)
-        common.set_lr(optimizer, lr)
-        views = [common.to_device(x, ctx, args.data, args.channels_last) for x in views]  # uint8 -> normalised float
+        common.set_lr(optimizer, lr_at(run.step))
+        views = [common.normalize_on_device(x, ctx, args.data, args.channels_last) for x in views]  # uint8 -> normalised float
         with ctx.autocast():
-            p, z = model(views)
+            p, z = model(views)  # per view [v, v'(, v^, v^')]: p the online outputs, z the targets y(.)
+        # L_DSSL = L_S + L_A (Eq. (5)): the framework's symmetric loss on v, v', and each heavy
+        # view pulled toward the stop-gradient target of its own source, weighed as Eq. (6)
         loss = training_loss(p, z, args)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # AMP: scaled only in fp16
-        skipped = common.scaler_step(scaler, optimizer)  # AMP: 1 where fp16 skipped a step with overflowing gradients
-        if args.framework == "byol":
-            common.unwrap(model).update_target(target_momentum(step, total_steps, args.ema_momentum, args.ema_schedule))
-        step += 1
-        z_std = common.embedding_std(z[0])  # collapse indicator on the targets y(v): ~1/sqrt(D) healthy, 0 collapsed
-        sums += torch.stack([loss.detach(), z_std, skipped])
-        n += 1
-        if step % args.log_every == 0 or step == stop_at:
-            if ctx.main:  # log steps hold the loop's only host syncs: this and check_loss
-                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}", data=loader), flush=True)
-            stop.check_loss(ctx, loss, step, lr, scaler)  # non-finite on any rank: every rank ends in one line
-        stopped = stop.pending(ctx)  # every step, on every rank alike: a stop request loses at most one step
-        if stopped or step >= stop_at:
-            break
-    loss, z_std, skipped = sums.tolist()
-    return step, dict(loss=loss / max(n, 1), z_std=z_std / max(n, 1), skipped_steps=round(skipped)), stopped
+        scaler.step(optimizer)
+        scaler.update()
+        if args.framework == "byol":  # BYOL Sec. 3.1: the target follows the online network after each step
+            m = target_momentum(run.step, run.total_steps, args.ema_momentum, args.ema_schedule)
+            common.unwrap(model).update_target(m)
+        if run.end_step(loss, z[0]):  # progress line, finite-loss check, stop request
+            return
 
 
 def main(argv=None):
     args = get_args(argv)
     ctx = common.setup(args)
-    pretrain_set, train_set, test_set = common.load_data(args, ctx)
-    loader, sampler = common.train_loader(pretrain_set, DSSLViews(args), args.batch_size, args.workers, args.seed, ctx)
+    data = common.load_data(args, ctx)
+    loader = common.train_loader(data.pretrain, DSSLViews(args), args.batch_size, args.workers, args.seed, ctx)
     if args.save_views:  # look before you train: a PNG of the epoch-0 views of the first images, then stop
-        common.save_views(args, loader.dataset, ctx)
-        return common.teardown()
+        return common.save_views(args, loader.dataset, ctx)
 
     heavy_targets = args.heavy == "on" and (args.weights[1] > 0 or args.weights[3] > 0)  # beta, delta use y(v^)
     model = DSSL(args.framework, args.arch, args.image_size, args.proj_layers, heavy_targets).to(ctx.device)
@@ -451,45 +486,14 @@ def main(argv=None):
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=base_lr, momentum=0.9,
                                     weight_decay=args.weight_decay)  # SimSiam's SGD: momentum 0.9, decay on every weight
     scaler = ctx.grad_scaler()
-    step = common.resume(args, model, optimizer, scaler)  # DDP: resume, then wrap: DDP sends rank 0's weights to all
+    run = common.Run(args, ctx, model, optimizer, scaler, loader, data)  # resumes; DDP: before wrapping
+    lr_at = functools.partial(common.lr_at, total_steps=run.total_steps, base_lr=base_lr,
+                              warmup_steps=round(args.warmup_epochs * run.steps_per_epoch))
     ddp_model = common.ddp(model, ctx)  # SyncBN on GPUs: global BN (SimSiam, BYOL, SimCLR)
-    common.start_run(args, ctx)  # after resume() accepted OUT's checkpoint: a refused run leaves OUT untouched
 
-    steps_per_epoch = sampler.steps
-    total_steps = args.epochs * steps_per_epoch
-    stop_at = min(total_steps, args.max_steps or total_steps)
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    lr_at = functools.partial(common.lr_at, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr)
-    progress, stop = common.Progress(stop_at, step, args.batch_size), common.StopSignal()
-    if ctx.main:
-        print(f"dssl: {args.framework}, heavy views {args.heavy}, {args.arch} on {args.data} ({len(pretrain_set)} images), "
-              f"{ctx.world} process(es) on {ctx.device}, "
-              f"batch {args.batch_size}, lr {base_lr:.4g}, {steps_per_epoch} steps/epoch, from step {step}", flush=True)
-
-    epoch = step // steps_per_epoch
-    while step < stop_at:
-        sampler.set_epoch(epoch, start_step=step - epoch * steps_per_epoch)
-        progress.restart(step)
-        t0, first_step = time.perf_counter(), step
-        step, stats, stopped = train_one_epoch(ddp_model, loader, optimizer, scaler, lr_at, epoch, step, stop_at,
-                                               args, ctx, progress, stop)
-        elapsed = time.perf_counter() - t0
-        record = dict(epoch=epoch + 1, step=step, **stats, lr=lr_at(step - 1),
-                      images_per_s=(step - first_step) * args.batch_size / elapsed, data_wait=loader.data_wait(),
-                      time=elapsed, complete=step == (epoch + 1) * steps_per_epoch)
-        if record["complete"] and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step == total_steps):
-            record["knn_top1"] = common.knn_accuracy(model.backbone, train_set, test_set, common.num_classes(args.data, train_set),
-                                                     ctx, args.image_size, args.data, workers=args.workers)
-        if ctx.main:
-            common.save_run(args, model, model.backbone, optimizer, scaler, step, epoch=step // steps_per_epoch)
-            common.log_json(os.path.join(args.out, "log.jsonl"), record)
-            print(f"epoch {epoch + 1} {'done' if record['complete'] else 'saved mid-way'}: loss {stats['loss']:.4f}"
-                  + (f", kNN top-1 {record['knn_top1']:.2f}" if "knn_top1" in record else ""), flush=True)
-        if stopped:
-            if ctx.main:
-                print(f"stopped at step {step}; run the same command again to resume", flush=True)
-            break
-        epoch += 1
+    for epoch in run.epochs():
+        train_one_epoch(ddp_model, loader, optimizer, scaler, lr_at, run, args, ctx)
+        run.end_epoch()  # last.pt and backbone.pt, the kNN monitor, log.jsonl
     common.teardown()
 
 

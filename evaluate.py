@@ -35,9 +35,11 @@ Protocols:
 """
 import argparse
 import json
+import math
 import os
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
@@ -163,6 +165,87 @@ def load_backbone(args):
     return backbone, dim
 
 
+def linear_probe(train_f, train_y, test_f, test_y, classes, epochs=100, lr=0.1, optimizer="sgd", schedule="cosine",
+                 milestones=(), weight_decay=0.0, batch_size=256, seed=0, ctx=None):
+    """A linear classifier trained on fixed features [n, D]; returns (top-1 % on
+    the test features, the trained nn.Linear). The features are standardised
+    with the training mean and std (an affine map: the probe stays linear),
+    batch by batch, so no standardised copy is held. With a ctx of several
+    processes train_f/train_y are this process's shard (test_f whole): every
+    process draws the same global batches and computes the loss of the rows it
+    holds, and the gradients are summed, so the head is the one-process head
+    (one all-reduce of D x C + C numbers per step; the features never move)."""
+    sharded = ctx is not None and ctx.world > 1
+    sizes = [len(train_f)]
+    if sharded:
+        counts = [torch.zeros(1, dtype=torch.long, device=train_f.device) for _ in range(ctx.world)]
+        dist.all_gather(counts, torch.tensor([len(train_f)], device=train_f.device))
+        sizes = [int(c) for c in counts]
+    n, lo = sum(sizes), sum(sizes[:ctx.rank]) if sharded else 0
+    mean, std = _feature_stats(train_f, n, ctx if sharded else None)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Linear(train_f.shape[1], classes).to(train_f.device)
+    opt = make_linear_optimizer(head.parameters(), optimizer, lr, weight_decay)
+    steps = -(-n // batch_size)
+    for epoch in range(epochs):
+        common.set_lr(opt, linear_lr(epoch, epochs, lr, schedule, milestones))
+        perm = torch.randperm(n, generator=g)  # the global order, the same on every process
+        if sharded:  # this process's rows of each global batch (on the CPU: no GPU sync)
+            mine = (perm >= lo) & (perm < lo + len(train_f))
+            per_step = torch.bincount(torch.arange(n)[mine] // batch_size, minlength=steps).tolist()
+            batches = (perm[mine] - lo).to(train_f.device).split(per_step)
+        else:
+            batches = perm.to(train_f.device).split(batch_size)
+        for s, idx in enumerate(batches):
+            logits = head((train_f[idx] - mean) / std)
+            # The mean over the GLOBAL batch: each process adds its rows' share.
+            loss = F.cross_entropy(logits, train_y[idx], reduction="sum") / min(batch_size, n - s * batch_size)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if sharded:  # DDP: sum the shares (a D x C matrix and C biases, not the features)
+                for p in head.parameters():
+                    dist.all_reduce(p.grad)
+            opt.step()
+    with torch.no_grad():
+        correct = sum(int((head((f - mean) / std).argmax(1) == y).sum()) for f, y in zip(test_f.split(8192), test_y.split(8192)))
+    return 100.0 * correct / max(1, len(test_f)), head
+
+
+@torch.no_grad()
+def _feature_stats(f, n, ctx=None, chunk=8192):
+    """Per-dimension mean and std (unbiased, as torch.std, plus 1e-6) of features
+    [n, D] held in shards over ctx's processes: two passes in float64, `chunk`
+    rows at a time (one chunk's float64 copy in memory), two D-sized all-reduces."""
+    total = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)
+    for c in f.split(chunk):
+        total += c.sum(0, dtype=torch.float64)
+    if ctx is not None:
+        dist.all_reduce(total)
+    mean = total / max(1, n)
+    sq = torch.zeros_like(total)
+    for c in f.split(chunk):
+        sq += ((c.double() - mean) ** 2).sum(0)
+    if ctx is not None:
+        dist.all_reduce(sq)
+    return mean.float(), (sq / max(1, n - 1)).sqrt().float() + 1e-6
+
+
+def make_linear_optimizer(params, name, lr, weight_decay):
+    """--linear-optim: Adam, or SGD with momentum 0.9 (Nesterov for "nesterov")."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=name == "nesterov", weight_decay=weight_decay)
+
+
+def linear_lr(epoch, epochs, lr, schedule, milestones=()):
+    """The probe's rate in `epoch` (from 0): cosine from lr to 0, or x0.1 at each milestone epoch."""
+    if schedule == "step":
+        return lr * 0.1 ** sum(epoch >= m for m in milestones)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
 def linear_with_aug(backbone, dim, train_set, test_f, test_y, classes, args, ctx):
     """Paper-style probe: crop + flip every epoch, frozen backbone in eval mode."""
     torch.manual_seed(args.seed)
@@ -171,15 +254,15 @@ def linear_with_aug(backbone, dim, train_set, test_f, test_y, classes, args, ctx
     scale = tuple(args.linear_crop_scale)  # 0.08-1 (Inception-style, default); DSSL's CIFAR probe: 0.8-1
     tf = T.Compose([T.RandomResizedCrop(args.image_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
                     T.RandomHorizontalFlip(), common.to_tensor])
-    loader, sampler = common.train_loader(train_set, tf, args.linear_batch_size, args.workers, args.seed, ctx)
-    opt = common.make_linear_optimizer(head.parameters(), args.linear_optim, args.linear_lr, args.linear_wd)
+    loader = common.train_loader(train_set, tf, args.linear_batch_size, args.workers, args.seed, ctx)
+    opt = make_linear_optimizer(head.parameters(), args.linear_optim, args.linear_lr, args.linear_wd)
     backbone.eval()
     for epoch in range(args.linear_epochs):
-        sampler.set_epoch(epoch)
-        common.set_lr(opt, common.linear_lr(epoch, args.linear_epochs, args.linear_lr, args.linear_schedule, args.linear_milestones))
+        loader.sampler.set_epoch(epoch)
+        common.set_lr(opt, linear_lr(epoch, args.linear_epochs, args.linear_lr, args.linear_schedule, args.linear_milestones))
         for x, y in loader:
             with torch.no_grad(), ctx.autocast():
-                h = backbone(common.to_device(x, ctx, args.data))
+                h = backbone(common.normalize_on_device(x, ctx, args.data))
             loss = F.cross_entropy(ddp_head(h.float()), y.to(ctx.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -197,7 +280,8 @@ def main(argv=None):
     backbone = backbone.to(ctx.device)
     data_args = argparse.Namespace(data=args.data, data_dir=args.data_dir, download=args.download,
                                    image_size=args.image_size, subset=args.subset)
-    _, train_set, test_set = common.load_data(data_args, ctx)
+    data = common.load_data(data_args, ctx)
+    train_set, test_set = data.train, data.test
     if why := common.missing_labels(train_set):
         common.fail(f"evaluate.py needs labelled images, train/<class>/<image> and val/<class>/<image> under --data-dir: "
                     f"{why}")
@@ -216,7 +300,7 @@ def main(argv=None):
     if args.linear and args.linear_aug:
         results["linear_top1"] = linear_with_aug(backbone, dim, train_set, test_f, test_y, classes, args, ctx)
     elif args.linear:
-        results["linear_top1"], _ = common.linear_probe(
+        results["linear_top1"], _ = linear_probe(
             train_f, train_y, test_f, test_y, classes, args.linear_epochs, args.linear_lr, args.linear_optim,
             args.linear_schedule, args.linear_milestones, args.linear_wd, args.linear_batch_size, args.seed, ctx=ctx)
     if ctx.main:

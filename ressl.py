@@ -53,12 +53,11 @@ Deviations from the paper:
 import argparse
 import copy
 import functools
-import os
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
 
 import common
 
@@ -94,28 +93,22 @@ def get_args(argv=None):
     args = parser.parse_args(argv)
     if args.data == "stl10" and args.image_size is None:
         args.image_size = 64  # Sec. 4: "medium" data sets are resized to 64x64
-    medium = args.data in ("stl10", "tinyimagenet")
-    recipes = {  # "small": Sec. 4 (CIFAR-size and "medium" data sets); "large": the ImageNet setting (Sec. 5)
-        "small": dict(arch="resnet18", epochs=200, batch_size=256, lr=0.06, weight_decay=5e-4, warmup_epochs=5,
+    if args.data in common.LARGE_DATA:  # the paper's ImageNet setting (Sec. 5)
+        recipe = dict(arch="resnet50", epochs=200, batch_size=256, lr=0.05, weight_decay=1e-4, warmup_epochs=5,
+                      ema_momentum=0.999, queue_size=131072, proj_dim=512, proj_hidden=4096, exclude_bn_bias=True)
+    else:                               # Sec. 4: CIFAR-size and the "medium" data sets
+        medium = args.data in ("stl10", "tinyimagenet")
+        recipe = dict(arch="resnet18", epochs=200, batch_size=256, lr=0.06, weight_decay=5e-4, warmup_epochs=5,
                       ema_momentum=0.996 if medium else 0.99, queue_size=16384 if medium else 4096, proj_dim=128,
-                      proj_hidden=2048, exclude_bn_bias=False),
-        "large": dict(arch="resnet50", epochs=200, batch_size=256, lr=0.05, weight_decay=1e-4, warmup_epochs=5,
-                      ema_momentum=0.999, queue_size=131072, proj_dim=512, proj_hidden=4096, exclude_bn_bias=True),
-    }
-    args = common.finish_args(args, "ressl", recipes)
+                      proj_hidden=2048, exclude_bn_bias=False)
+    args = common.apply_recipe(args, "ressl", recipe)
     if args.tau_t is None:
         args.tau_t = 0.05 if args.data in ("cifar10", "stl10") else 0.04  # Table 2's best, used for Table 1
-    world = int(os.environ.get("WORLD_SIZE", 1))  # DDP: set by torchrun, as common.setup reads it
-    if args.bn_splits is None:
-        args.bn_splits = 8 if world == 1 else 1
     if args.student_crops is None:
         args.student_crops = [args.image_size]
     if not all(16 <= s <= args.image_size for s in args.student_crops):
         common.fail(f"--student-crops sides must lie between 16 and --image-size {args.image_size}", common.USAGE)
-    if args.batch_size % (world * args.bn_splits):
-        common.fail(f"--batch-size {args.batch_size} does not split into {world} process(es) x {args.bn_splits} "
-                    "BN groups; change --batch-size or --bn-splits", common.USAGE)
-    return args
+    return args  # --bn-splits depends on the number of processes: main() completes it after common.setup
 
 
 # ---------------------------------------------------------------------------
@@ -126,14 +119,23 @@ class ReSSLViews:
     """[teacher view T_w(x), student crop 1, ..., student crop C] (Algorithm 1)."""
 
     def __init__(self, args):
-        # Colour distortion of strength 0.5: SimCLR's (0.8s, 0.8s, 0.8s, 0.2s). Blur p=0.5 (Sec. 4) as MoCo v2 and
-        # KyleZheng1997/ReSSL data/augmentation.py apply it: PIL radius sigma 0.1-2 px, whatever the image size.
-        contrastive = functools.partial(common.view_transform, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2,
-                                        p_blur=0.5, blur="pil")
         size = args.image_size
-        self.teacher = (common.view_transform(size, scale=(0.2, 1.0)) if args.teacher_aug == "weak"  # Table 4: crop + flip
-                        else contrastive(size, scale=(0.2, 1.0)))                                    # Table 3, row 1
-        self.students = [contrastive(s, scale=(0.2 * s / size, s / size)) for s in args.student_crops]  # AdCo's scales
+
+        def contrastive(side, scale):  # the student's T_s (Sec. 4): a crop of `side` px covering `scale` of the area
+            return T.Compose([
+                T.RandomResizedCrop(side, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip(),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),  # colour distortion, strength 0.5
+                T.RandomGrayscale(p=0.2),
+                # Gaussian blur p=0.5 as MoCo v2 and KyleZheng1997/ReSSL data/augmentation.py: PIL radius 0.1-2 px
+                T.RandomApply([common.RandomPILBlur((0.1, 2.0))], p=0.5),
+            ])
+        weak = T.Compose([  # the teacher's T_w (Sec. 4.2, Table 4): crop + flip only
+            T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+        ])
+        self.teacher = weak if args.teacher_aug == "weak" else contrastive(size, (0.2, 1.0))  # Table 3, row 1
+        self.students = [contrastive(s, (0.2 * s / size, s / size)) for s in args.student_crops]  # AdCo's scales
         self.names = ["teacher T_w(x)"] + [f"student T_s(x) {s}px" for s in args.student_crops]  # --save-views columns
 
     def __call__(self, img):
@@ -160,9 +162,8 @@ class ReSSL(nn.Module):
         queue = torch.randn(queue_size, proj_dim, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("queue", F.normalize(queue, dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        # DDP: Q is identical on every process by construction (same seed, same gathered keys), so it is left
-        # out of DDP's buffer broadcast before every forward (131072 x 512 floats, 256 MB, on ImageNet).
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ["queue", "queue_ptr"])
+        # DDP: Q is identical on every process by construction (same seed, same gathered keys): main() names it
+        # to common.ddp, which leaves it out of the broadcast before every forward (256 MB on ImageNet).
 
     def forward(self, x_t, crops, shuffle_seed):
         """x_t: [n, 3, S, S] teacher view; crops: list of C student views [n, 3, s_c, s_c].
@@ -179,12 +180,11 @@ class ReSSL(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, m):
-        """Eq. (6): theta_t <- m theta_t + (1 - m) theta_s for f and g. The teacher's BN running
-        statistics are its own (its forward passes), as for MoCo's key encoder."""
-        theta_t = list(self.teacher.parameters())
-        theta_s = [*self.backbone.parameters(), *self.projector.parameters()]
-        torch._foreach_mul_(theta_t, m)  # one fused kernel per op for all tensors, not two per tensor
-        torch._foreach_add_(theta_t, theta_s, alpha=1 - m)
+        """Eq. (6) for f and g, parameter by parameter (two small kernels per tensor). The teacher's BN
+        running statistics are its own (its forward passes), as for MoCo's key encoder."""
+        student = [*self.backbone.parameters(), *self.projector.parameters()]
+        for theta_t, theta_s in zip(self.teacher.parameters(), student):
+            theta_t.mul_(m).add_(theta_s.detach(), alpha=1 - m)  # Eq. (6): theta_t <- m theta_t + (1 - m) theta_s
 
     @torch.no_grad()
     def enqueue(self, keys):
@@ -223,51 +223,42 @@ def relational_loss(z_student, z_teacher, queue, tau_s, tau_t):
 # Training
 # ---------------------------------------------------------------------------
 
-def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_at, args, ctx, progress, stop):
-    """Trains from optimizer step `step` to the end of the epoch (or stop_at,
-    or a stop request). Returns (step, epoch means of loss and z-std, stopped)."""
+def train_one_epoch(model, loader, optimizer, scaler, lr_at, run, args, ctx):
+    """One pass over the loader (a resumed run re-enters its epoch where it stopped)."""
     model.train()
     net = common.unwrap(model)  # the teacher and Q are updated outside the DDP forward
-    sums, n, stopped = torch.zeros(3, device=ctx.device), 0, False  # loss, z-std, skipped steps: summed on the device
     for (x_t, *crops), _ in loader:
-        lr = lr_at(step)
-        common.set_lr(optimizer, lr)
-        x_t = common.to_device(x_t, ctx, args.data, args.channels_last)  # uint8 -> normalised float
-        crops = [common.to_device(x, ctx, args.data, args.channels_last) for x in crops]
+        common.set_lr(optimizer, lr_at(run.step))
+        x_t = common.normalize_on_device(x_t, ctx, args.data, args.channels_last)  # uint8 -> normalised float
+        crops = [common.normalize_on_device(x, ctx, args.data, args.channels_last) for x in crops]
         with ctx.autocast():
-            z_t, z_s = model(x_t, crops, shuffle_seed=args.seed * 2 ** 32 + step)  # exact resume: seed from the step
+            z_t, z_s = model(x_t, crops, shuffle_seed=args.seed * 2**32 + run.step)  # exact resume: seed from the step
         # Every student crop is matched to the same teacher relation, against Q before this step's keys.
         # One call over all crops (the mean over crops of each crop's mean), so the [K, D] buffer is
         # normalised and kept for backward, and p_t computed, once per step, not once per crop.
         loss = relational_loss(torch.cat(z_s), z_t, net.queue, args.tau_s, args.tau_t)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # AMP: scaled only in fp16
-        skipped = common.scaler_step(scaler, optimizer)  # AMP: 1 where fp16 skipped a step with overflowing gradients
+        scaler.step(optimizer)
+        scaler.update()
         net.update_teacher(args.ema_momentum)       # Algorithm 1: after the student's update
         net.enqueue(common.concat_all_gather(z_t))  # DDP: every process enqueues the same global batch of keys
-        step += 1
-        z_std = common.embedding_std(z_s[0])  # collapse indicator: ~1/sqrt(D) healthy, 0 collapsed
-        sums += torch.stack([loss.detach(), z_std, skipped])
-        n += 1
-        if step % args.log_every == 0 or step == stop_at:
-            if ctx.main:  # log steps hold the loop's only host syncs: this and check_loss
-                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}", data=loader), flush=True)
-            stop.check_loss(ctx, loss, step, lr, scaler)  # non-finite on any rank: every rank ends in one line
-        stopped = stop.pending(ctx)  # every step, on every rank alike: a stop request loses at most one step
-        if stopped or step >= stop_at:
-            break
-    loss, z_std, skipped = sums.tolist()
-    return step, dict(loss=loss / max(n, 1), z_std=z_std / max(n, 1), skipped_steps=round(skipped)), stopped
+        if run.end_step(loss, z_s[0]):  # progress line, finite-loss check, stop request
+            return
 
 
 def main(argv=None):
     args = get_args(argv)
     ctx = common.setup(args)
-    pretrain_set, train_set, test_set = common.load_data(args, ctx)
-    loader, sampler = common.train_loader(pretrain_set, ReSSLViews(args), args.batch_size, args.workers, args.seed, ctx)
+    if args.bn_splits is None:  # Sec. 4: shuffle-BN simulated by BN groups in one process (MoCo's one-GPU recipe)
+        args.bn_splits = 8 if ctx.world == 1 else 1
+    if args.batch_size % (ctx.world * args.bn_splits):
+        common.fail(f"--batch-size {args.batch_size} does not split into {ctx.world} process(es) x {args.bn_splits} "
+                    "BN groups; change --batch-size or --bn-splits", common.USAGE)
+    data = common.load_data(args, ctx)
+    loader = common.train_loader(data.pretrain, ReSSLViews(args), args.batch_size, args.workers, args.seed, ctx)
     if args.save_views:  # look before you train: a PNG of the epoch-0 views of the first images, then stop
-        common.save_views(args, loader.dataset, ctx)
-        return common.teardown()
+        return common.save_views(args, loader.dataset, ctx)
 
     model = ReSSL(args.arch, args.image_size, args.proj_dim, args.proj_hidden, args.queue_size, args.bn_splits,
                   args.seed).to(ctx.device)
@@ -280,44 +271,14 @@ def main(argv=None):
                else [p for p in model.parameters() if p.requires_grad])
     optimizer = torch.optim.SGD(student, lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)  # Sec. 4
     scaler = ctx.grad_scaler()
-    step = common.resume(args, model, optimizer, scaler)  # DDP: resume, then wrap: DDP sends rank 0's weights to all
-    ddp_model = common.ddp(model, ctx, sync_bn=False)  # per-GPU BN; shuffle-BN for the teacher (Sec. 4, MoCo)
-    common.start_run(args, ctx)  # after resume() accepted OUT's checkpoint: a refused run leaves OUT untouched
+    run = common.Run(args, ctx, model, optimizer, scaler, loader, data)  # resumes; DDP: before wrapping
+    lr_at = functools.partial(common.lr_at, total_steps=run.total_steps, base_lr=base_lr,
+                              warmup_steps=round(args.warmup_epochs * run.steps_per_epoch))
+    ddp_model = common.ddp(model, ctx, sync_bn=False, same_on_every_rank=("queue", "queue_ptr"))  # per-GPU BN (Sec. 4)
 
-    steps_per_epoch = sampler.steps
-    total_steps = args.epochs * steps_per_epoch
-    stop_at = min(total_steps, args.max_steps or total_steps)
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    lr_at = functools.partial(common.lr_at, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr)
-    progress, stop = common.Progress(stop_at, step, args.batch_size), common.StopSignal()
-    if ctx.main:
-        print(f"ressl: {args.arch} on {args.data} ({len(pretrain_set)} images), {ctx.world} process(es) on {ctx.device}, "
-              f"batch {args.batch_size}, lr {base_lr:.4g}, {steps_per_epoch} steps/epoch, from step {step}", flush=True)
-
-    epoch = step // steps_per_epoch
-    while step < stop_at:
-        sampler.set_epoch(epoch, start_step=step - epoch * steps_per_epoch)
-        progress.restart(step)
-        t0, first_step = time.perf_counter(), step
-        step, stats, stopped = train_one_epoch(ddp_model, loader, optimizer, scaler, lr_at, epoch, step, stop_at,
-                                               args, ctx, progress, stop)
-        elapsed = time.perf_counter() - t0
-        record = dict(epoch=epoch + 1, step=step, **stats, lr=lr_at(step - 1),
-                      images_per_s=(step - first_step) * args.batch_size / elapsed, data_wait=loader.data_wait(),
-                      time=elapsed, complete=step == (epoch + 1) * steps_per_epoch)
-        if record["complete"] and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step == total_steps):
-            record["knn_top1"] = common.knn_accuracy(model.backbone, train_set, test_set, common.num_classes(args.data, train_set),
-                                                     ctx, args.image_size, args.data, workers=args.workers)
-        if ctx.main:
-            common.save_run(args, model, model.backbone, optimizer, scaler, step, epoch=step // steps_per_epoch)
-            common.log_json(os.path.join(args.out, "log.jsonl"), record)
-            print(f"epoch {epoch + 1} {'done' if record['complete'] else 'saved mid-way'}: loss {stats['loss']:.4f}"
-                  + (f", kNN top-1 {record['knn_top1']:.2f}" if "knn_top1" in record else ""), flush=True)
-        if stopped:
-            if ctx.main:
-                print(f"stopped at step {step}; run the same command again to resume", flush=True)
-            break
-        epoch += 1
+    for epoch in run.epochs():
+        train_one_epoch(ddp_model, loader, optimizer, scaler, lr_at, run, args, ctx)
+        run.end_epoch()  # last.pt and backbone.pt, the kNN monitor, log.jsonl
     common.teardown()
 
 

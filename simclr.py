@@ -40,12 +40,11 @@ which produced the reported numbers; the paper's text is one flag away):
 import argparse
 import functools
 import math
-import os
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
 
 import common
 
@@ -73,13 +72,13 @@ def get_args(argv=None):
     args = parser.parse_args(argv)
     if args.lr is None and args.lr_scaling == "sqrt":
         args.lr = 0.075  # App. B.1: "learning rate = 0.075 x sqrt(BatchSize)"
-    recipes = {  # "small": the authors' CIFAR-10 command (their README); "large": the paper's ImageNet setting (Sec. 4)
-        "small": dict(arch="resnet18", epochs=1000, batch_size=512, lr=1.0, weight_decay=1e-4, warmup_epochs=10,
-                      tau=0.5, color_strength=0.5, blur=0.0),
-        "large": dict(arch="resnet50", epochs=100, batch_size=4096, lr=0.3, weight_decay=1e-6, warmup_epochs=10,
-                      tau=0.1, color_strength=1.0, blur=0.5),
-    }
-    return common.finish_args(args, "simclr", recipes)
+    if args.data in common.LARGE_DATA:  # the paper's ImageNet setting (Sec. 4)
+        recipe = dict(arch="resnet50", epochs=100, batch_size=4096, lr=0.3, weight_decay=1e-6, warmup_epochs=10,
+                      tau=0.1, color_strength=1.0, blur=0.5)
+    else:                               # the authors' CIFAR-10 command (their README)
+        recipe = dict(arch="resnet18", epochs=1000, batch_size=512, lr=1.0, weight_decay=1e-4, warmup_epochs=10,
+                      tau=0.5, color_strength=0.5, blur=0.0)
+    return common.apply_recipe(args, "simclr", recipe)
 
 
 # ---------------------------------------------------------------------------
@@ -87,12 +86,19 @@ def get_args(argv=None):
 # ---------------------------------------------------------------------------
 
 class SimCLRViews:
-    """Two independent draws t, t' ~ T of the SimCLR augmentation (Algorithm 1)."""
+    """Two independent draws t, t' ~ T of the SimCLR augmentation (Algorithm 1, App. A)."""
 
     def __init__(self, args):
-        s = args.color_strength
-        self.t = common.view_transform(args.image_size, scale=(0.08, 1.0),
-                                       jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), p_blur=args.blur)
+        s, size = args.color_strength, args.image_size
+        self.t = T.Compose([
+            T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),  # colour distortion, strength s
+            T.RandomGrayscale(p=0.2),
+            # Gaussian blur, kernel 10% of the side (odd), sigma 0.1-2.0; none on CIFAR (App. B.9)
+            *([T.RandomApply([common.KernelBlur(max(3, int(0.1 * size) // 2 * 2 + 1), sigma=(0.1, 2.0))], p=args.blur)]
+              if args.blur > 0 else []),
+        ])
         self.names = ["t(x)", "t'(x)"]  # --save-views columns, in __call__'s order
 
     def __call__(self, img):
@@ -144,16 +150,13 @@ def nt_xent_loss(z1, z2, tau):
 # Training
 # ---------------------------------------------------------------------------
 
-def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_at, args, ctx, progress, stop):
-    """Trains from optimizer step `step` to the end of the epoch (or stop_at,
-    or a stop request). Returns (step, epoch means of loss and z-std, stopped)."""
+def train_one_epoch(model, loader, optimizer, scaler, lr_at, run, args, ctx):
+    """One pass over the loader (a resumed run re-enters its epoch where it stopped)."""
     model.train()
-    sums, n, stopped = torch.zeros(3, device=ctx.device), 0, False  # loss, z-std, skipped steps: summed on the device
     for (x1, x2), _ in loader:
-        lr = lr_at(step)
-        common.set_lr(optimizer, lr)
-        x1 = common.to_device(x1, ctx, args.data, args.channels_last)  # uint8 -> normalised float
-        x2 = common.to_device(x2, ctx, args.data, args.channels_last)
+        common.set_lr(optimizer, lr_at(run.step))
+        x1 = common.normalize_on_device(x1, ctx, args.data, args.channels_last)  # uint8 -> normalised float
+        x2 = common.normalize_on_device(x2, ctx, args.data, args.channels_last)
         with ctx.autocast():
             z1, z2 = model(x1, x2)
         # DDP: every rank computes NT-Xent over the GLOBAL batch; the gather keeps
@@ -164,30 +167,19 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_a
             loss = 2 * loss  # objective.py: loss_a + loss_b, each a mean over N anchors
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # AMP: scaled only in fp16
-        skipped = common.scaler_step(scaler, optimizer)  # AMP: 1 where fp16 skipped a step with overflowing gradients
-        step += 1
-        z_std = common.embedding_std(z1)  # collapse indicator: ~1/sqrt(D) healthy, 0 collapsed
-        sums += torch.stack([loss.detach(), z_std, skipped])
-        n += 1
-        if step % args.log_every == 0 or step == stop_at:
-            if ctx.main:  # log steps hold the loop's only host syncs: this and check_loss
-                print(progress.line(epoch, args.epochs, step, loss.item(), lr, f"  z-std {z_std:.3f}", data=loader), flush=True)
-            stop.check_loss(ctx, loss, step, lr, scaler)  # non-finite on any rank: every rank ends in one line
-        stopped = stop.pending(ctx)  # every step, on every rank alike: a stop request loses at most one step
-        if stopped or step >= stop_at:
-            break
-    loss, z_std, skipped = sums.tolist()
-    return step, dict(loss=loss / max(n, 1), z_std=z_std / max(n, 1), skipped_steps=round(skipped)), stopped
+        scaler.step(optimizer)
+        scaler.update()
+        if run.end_step(loss, z1):  # progress line, finite-loss check, stop request
+            return
 
 
 def main(argv=None):
     args = get_args(argv)
     ctx = common.setup(args)
-    pretrain_set, train_set, test_set = common.load_data(args, ctx)
-    loader, sampler = common.train_loader(pretrain_set, SimCLRViews(args), args.batch_size, args.workers, args.seed, ctx)
+    data = common.load_data(args, ctx)
+    loader = common.train_loader(data.pretrain, SimCLRViews(args), args.batch_size, args.workers, args.seed, ctx)
     if args.save_views:  # look before you train: a PNG of the epoch-0 views of the first images, then stop
-        common.save_views(args, loader.dataset, ctx)
-        return common.teardown()
+        return common.save_views(args, loader.dataset, ctx)
 
     model = SimCLR(args.arch, args.image_size, args.proj_dim, args.head_bn).to(ctx.device)
     if args.channels_last:
@@ -196,44 +188,14 @@ def main(argv=None):
     base_lr = args.lr * scale  # Sec. 4: 0.3 x B/256; App. B.1: 0.075 x sqrt(B)
     optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=0.9, eta=0.001)
     scaler = ctx.grad_scaler()
-    step = common.resume(args, model, optimizer, scaler)  # DDP: resume, then wrap: DDP sends rank 0's weights to all
+    run = common.Run(args, ctx, model, optimizer, scaler, loader, data)  # resumes; DDP: before wrapping
+    lr_at = functools.partial(common.lr_at, total_steps=run.total_steps, base_lr=base_lr,
+                              warmup_steps=round(args.warmup_epochs * run.steps_per_epoch))
     ddp_model = common.ddp(model, ctx)  # SyncBN on GPUs: global BN (Sec. 3)
-    common.start_run(args, ctx)  # after resume() accepted OUT's checkpoint: a refused run leaves OUT untouched
 
-    steps_per_epoch = sampler.steps
-    total_steps = args.epochs * steps_per_epoch
-    stop_at = min(total_steps, args.max_steps or total_steps)
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    lr_at = functools.partial(common.lr_at, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr)
-    progress, stop = common.Progress(stop_at, step, args.batch_size), common.StopSignal()
-    if ctx.main:
-        print(f"simclr: {args.arch} on {args.data} ({len(pretrain_set)} images), {ctx.world} process(es) on {ctx.device}, "
-              f"batch {args.batch_size}, lr {base_lr:.4g}, {steps_per_epoch} steps/epoch, from step {step}", flush=True)
-
-    epoch = step // steps_per_epoch
-    while step < stop_at:
-        sampler.set_epoch(epoch, start_step=step - epoch * steps_per_epoch)
-        progress.restart(step)
-        t0, first_step = time.perf_counter(), step
-        step, stats, stopped = train_one_epoch(ddp_model, loader, optimizer, scaler, lr_at, epoch, step, stop_at,
-                                               args, ctx, progress, stop)
-        elapsed = time.perf_counter() - t0
-        record = dict(epoch=epoch + 1, step=step, **stats, lr=lr_at(step - 1),
-                      images_per_s=(step - first_step) * args.batch_size / elapsed, data_wait=loader.data_wait(),
-                      time=elapsed, complete=step == (epoch + 1) * steps_per_epoch)
-        if record["complete"] and args.knn_every and ((epoch + 1) % args.knn_every == 0 or step == total_steps):
-            record["knn_top1"] = common.knn_accuracy(model.backbone, train_set, test_set, common.num_classes(args.data, train_set),
-                                                     ctx, args.image_size, args.data, workers=args.workers)
-        if ctx.main:
-            common.save_run(args, model, model.backbone, optimizer, scaler, step, epoch=step // steps_per_epoch)
-            common.log_json(os.path.join(args.out, "log.jsonl"), record)
-            print(f"epoch {epoch + 1} {'done' if record['complete'] else 'saved mid-way'}: loss {stats['loss']:.4f}"
-                  + (f", kNN top-1 {record['knn_top1']:.2f}" if "knn_top1" in record else ""), flush=True)
-        if stopped:
-            if ctx.main:
-                print(f"stopped at step {step}; run the same command again to resume", flush=True)
-            break
-        epoch += 1
+    for epoch in run.epochs():
+        train_one_epoch(ddp_model, loader, optimizer, scaler, lr_at, run, args, ctx)
+        run.end_epoch()  # last.pt and backbone.pt, the kNN monitor, log.jsonl
     common.teardown()
 
 

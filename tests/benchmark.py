@@ -10,15 +10,16 @@
 train_one_epoch: no copy of them here) for --warmup + --steps optimizer steps
 through the real loader. It wraps the loader's iterator to time every next():
 the time the loop waits for its next batch. Before them the same
-train_one_epoch runs on the first batch, already on the device, repeated
-(the compute alone). Warm-up steps (worker start-up, cudnn.benchmark's kernel
-search) are left out of both. Columns: images/s end to end and of the compute
-alone, the share of wall time spent waiting for data, seconds per CIFAR-10 epoch
-at the end-to-end rate (50,000 images), peak GPU memory (or the training
-process's peak RSS on the CPU, loader workers not included), and the cost per
-image relative to SimCLR's (compute alone) next to the ratio expected from the
-pixels each method encodes per image (views x pixels per view, as the loader
-delivers them).
+train_one_epoch runs on the first batch, already on the device, repeated (the
+compute alone; the Run is put back afterwards, so the real steps are numbered
+and logged as if it had not run). Warm-up steps (worker start-up,
+cudnn.benchmark's kernel search) are left out of both. Columns: images/s end to
+end and of the compute alone, the share of wall time spent waiting for data,
+seconds per CIFAR-10 epoch at the end-to-end rate (50,000 images), peak GPU
+memory (or the training process's peak RSS on the CPU, loader workers not
+included), and the cost per image relative to SimCLR's (compute alone) next to
+the ratio expected from the pixels each method encodes per image (views x
+pixels per view, as the loader delivers them).
 
 `loader` times each method's ImageNet view recipe (its own Views class at
 224 px, JPEG decoding included) on one core over generated 500x375 JPEGs
@@ -215,13 +216,17 @@ class TimedLoader:
 
 
 class Repeat:
-    """A loader that yields one batch n times (the compute alone)."""
+    """A loader that yields one batch n times (the compute alone); anything else
+    the loop reads of its loader (its sampler, ...) is the real loader's."""
 
-    def __init__(self, batch, n, sampler):
-        self.batch, self.n, self.sampler = batch, n, sampler
+    def __init__(self, batch, n, loader):
+        self.batch, self.n, self.loader = batch, n, loader
 
     def __len__(self):
         return self.n
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
 
     def __iter__(self):
         return iter([self.batch] * self.n)
@@ -239,28 +244,59 @@ def first_batch(loader):
     return loader.collate_fn([loader.dataset[k] for k in keys])
 
 
-def instrument(original, record, compute=None):
-    """train_one_epoch with its loader timed. Before the first real step,
-    `compute` (a Record) times the same function on the first batch, already
-    on the device, repeated: before the loader's workers start, so that they
-    do not compete with it for the cores."""
+def close_window(r):
+    """End r's timed window once the device has done the work queued in it."""
+    if r.window_start is not None:
+        if r.ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        r.wall += time.perf_counter() - r.window_start
+        r.window_start = None
 
-    def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_at, args, ctx, progress, stop):
+
+@contextlib.contextmanager
+def set_aside(run, stop_at):
+    """A pass of the loop that the Run does not keep: inside, run.stop_at is
+    `stop_at`; afterwards the Run's step, stop point, stop state and epoch sums
+    (loss and z-std, steps, optimizer steps) are back as they were, and its
+    clocks (the epoch's images/s, the progress line's rate and ETA) leave the
+    pass's time out. What the pass trained (weights, optimizer and scaler
+    state) stays trained."""
+    saved = dict(step=run.step, stop_at=run.stop_at, stopped=run.stopped, sums=run.sums.clone(), n=run.n,
+                 optimizer_steps=run.optimizer_steps)
+    nonfinite, t0 = run.stop.nonfinite, time.perf_counter()
+    run.stop_at = stop_at
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(run, name, value)
+        run.stop.nonfinite = nonfinite
+        elapsed = time.perf_counter() - t0
+        run.t0 += elapsed
+        run.progress.t0 += elapsed
+
+
+def instrument(original, record, compute=None):
+    """train_one_epoch(model, loader, optimizer, scaler, lr_at, run, args, ctx)
+    with its loader timed. Before the first real step, `compute` (a Record)
+    times the same function on the first batch, already on the device,
+    repeated n times (run.stop_at at run.step + n): before the loader's workers
+    start, so that they do not compete with it for the cores. The Run is then
+    put back (set_aside): the real steps are numbered, logged and counted as
+    if that pass had not happened."""
+
+    def train_one_epoch(model, loader, optimizer, scaler, lr_at, run, args, ctx):
         if compute is not None and compute.ctx is None:
-            compute.ctx, compute.args, compute.step0 = ctx, args, step
+            compute.ctx, compute.args, compute.step0 = ctx, args, run.step
             n = compute.warmup + compute.steps
             compute.first_batch = on_device(first_batch(loader), ctx.device)
-            original(model, TimedLoader(Repeat(compute.first_batch, n, loader.sampler), compute), optimizer, scaler,
-                     lr_at, epoch, step, step + n, args, ctx, progress, stop)
-            if compute.window_start is not None:
-                compute.wall += time.perf_counter() - compute.window_start
-                compute.window_start = None
-        record.ctx, record.args, record.step0 = ctx, args, step
-        out = original(model, TimedLoader(loader, record), optimizer, scaler, lr_at, epoch, step, stop_at,
-                       args, ctx, progress, stop)
-        if record.window_start is not None:  # the loop ended with sums.tolist(): the device is done
-            record.wall += time.perf_counter() - record.window_start
-            record.window_start = None
+            with set_aside(run, stop_at=run.step + n):
+                original(model, TimedLoader(Repeat(compute.first_batch, n, loader), compute), optimizer, scaler,
+                         lr_at, run, args, ctx)
+                close_window(compute)
+        record.ctx, record.args, record.step0 = ctx, args, run.step
+        out = original(model, TimedLoader(loader, record), optimizer, scaler, lr_at, run, args, ctx)
+        close_window(record)
         record.attribute(None)
         return out
 

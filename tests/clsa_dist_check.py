@@ -43,7 +43,7 @@ def main():
     n = GLOBAL_BATCH // ctx.world
     mine = slice(ctx.rank * n, (ctx.rank + 1) * n)
     model = make_model()
-    wrapped = common.ddp(model, ctx, sync_bn=False)
+    wrapped = common.ddp(model, ctx, sync_bn=False, same_on_every_rank=("queue", "queue_ptr"))  # as clsa.main()
     optimizer = torch.optim.SGD(model.query_parameters(), lr=0.5, momentum=0.9)
     xk, xq, xs = global_batch()
     result = dict(rank=ctx.rank, world=ctx.world, keys=[], queue_before=[], queues=[], ptr=[], loss=[])

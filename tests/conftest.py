@@ -119,3 +119,21 @@ def random_init_knn(data_dir, subset, image_size=32):
             with open(os.path.join(tmp, "random.json")) as f:
                 _random_init[key] = json.load(f)["knn_top1"]
     return _random_init[key]
+
+
+class ListLoader(list):
+    """A list of batches standing in for the training loader: what common.Run reads of one."""
+    dataset = ()
+
+    def data_wait(self):
+        return 0.0
+
+
+def make_run(args, ctx, model, optimizer, scaler, batches, out):
+    """A common.Run over `batches` (a list of loader batches) for calling a method's
+    train_one_epoch directly: from step 0, writing to `out`, no kNN monitor, no
+    signal handlers. Returns (run, loader)."""
+    import common
+    args = argparse.Namespace(**dict(vars(args), out=str(out), resume="none", knn_every=0))
+    loader = ListLoader(batches)
+    return common.Run(args, ctx, model, optimizer, scaler, loader), loader

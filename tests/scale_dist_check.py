@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import evaluate  # noqa: E402
 
 
 def features(n, d, seed, classes=5):
@@ -55,12 +56,12 @@ def check_eval(ctx):
     mine = common._shard(len(train_f), ctx)
     for opt, bs in (("sgd", 16), ("adam", 200)):
         kw = dict(epochs=3, lr=0.1, optimizer=opt, batch_size=bs, weight_decay=1e-4, seed=5)
-        acc, head = common.linear_probe(train_f[mine.start:mine.stop], train_y[mine.start:mine.stop], test_f, test_y, 5,
-                                        ctx=ctx, **kw)
-        ref_acc, ref = common.linear_probe(train_f, train_y, test_f, test_y, 5, **kw)
+        acc, head = evaluate.linear_probe(train_f[mine.start:mine.stop], train_y[mine.start:mine.stop], test_f, test_y, 5,
+                                          ctx=ctx, **kw)
+        ref_acc, ref = evaluate.linear_probe(train_f, train_y, test_f, test_y, 5, **kw)
         same = torch.allclose(head.weight, ref.weight, atol=1e-5) and torch.allclose(head.bias, ref.bias, atol=1e-5)
-        moved = not torch.allclose(head.weight, common.linear_probe(train_f, train_y, test_f, test_y, 5,
-                                                                   **dict(kw, epochs=1))[1].weight, atol=1e-3)
+        moved = not torch.allclose(head.weight, evaluate.linear_probe(train_f, train_y, test_f, test_y, 5,
+                                                                     **dict(kw, epochs=1))[1].weight, atol=1e-3)
         results[f"probe {opt}"] = None if same and moved and acc == ref_acc else \
             f"acc {acc} vs {ref_acc}, max weight diff {(head.weight - ref.weight).abs().max():.2e}, trained {moved}"
     # gather=False: this process's rows only, in order
@@ -91,9 +92,9 @@ def check_load(ctx, log, two_nodes):
 
     common.dataset = reader
     args = argparse.Namespace(data="synthetic", data_dir=".", download=True, image_size=32, subset=None)
-    pretrain, train, test = common.load_data(args, ctx)
+    data = common.load_data(args, ctx)
     if ctx.main:
-        print(f"SCALE load OK {len(pretrain)}", flush=True)
+        print(f"SCALE load OK {len(data.pretrain)}", flush=True)
 
 
 def main():

@@ -1,4 +1,4 @@
-"""AAG (aag.py, SPEC 3.2): GNT-Xent against a term-by-term loop over
+"""AAG (aag.py, arXiv 2009.07994): GNT-Xent against a term-by-term loop over
 Algorithm 1, the three views and their provenance, the model, the recipe,
 train_one_epoch's loss, end to end on the CPU with resume, and two
 processes under torchrun."""
@@ -18,7 +18,7 @@ import aag
 import aag_dist_check as dist_
 import common
 import simclr
-from conftest import noise_image, random_init_knn, run, torchrun
+from conftest import make_run, noise_image, random_init_knn, run, torchrun
 
 
 # ---------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def loader_views(images, argv, ctx):
     views = aag.AAGViews(args)
     views.aux.transforms[-1] = identity
     ds = common.ArrayDataset(np.stack(images), np.arange(len(images)))
-    loader, _ = common.train_loader(ds, views, len(images), 0, 0, ctx)
+    loader = common.train_loader(ds, views, len(images), 0, 0, ctx)
     return next(iter(loader))
 
 
@@ -338,23 +338,25 @@ def test_model_heads_and_shapes():
 
 @pytest.mark.parametrize("argv,keep_positive,n_views",
                          [([], False, 3), (["--loss", "nt-xent", "--aux-policy", "none"], True, 2)])
-def test_train_one_epoch_minimises_the_chosen_loss(ctx, argv, keep_positive, n_views):
-    """One step of aag.train_one_epoch reports the loss of the model's embeddings of the
-    batch's views (GNT-Xent, or NT-Xent with --loss nt-xent; two views with --aux-policy
-    none), and its SGD step moves the weights."""
+def test_train_one_epoch_minimises_the_chosen_loss(ctx, argv, keep_positive, n_views, tmp_path):
+    """One step of aag.train_one_epoch reports (in the epoch's log.jsonl record) the loss of
+    the model's embeddings of the batch's views (GNT-Xent, or NT-Xent with --loss nt-xent;
+    two views with --aux-policy none), and its SGD step moves the weights."""
     args = aag.get_args(["--data", "synthetic", "--arch", "resnet_small", "--batch-size", "8", "--log-every", "1", *argv])
     torch.manual_seed(0)
     model = aag.AAG("resnet_small", 32, 128, "linear")
     views = [torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8) for _ in range(n_views)]
     with torch.no_grad():  # a copy in train mode (BN on batch statistics), as the step sees the model
-        x, y, z = (*copy.deepcopy(model)(*(common.to_device(v, ctx, "synthetic") for v in views)), None)[:3]
+        x, y, z = (*copy.deepcopy(model)(*(common.normalize_on_device(v, ctx, "synthetic") for v in views)), None)[:3]
         expected = aag.gnt_xent_loss(x, y, z, args.tau, keep_positive=keep_positive)
     before = model.backbone.conv1.weight.detach().clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=args.weight_decay)
-    step, stats, stopped = aag.train_one_epoch(
-        model, [(views, torch.zeros(8))], optimizer, ctx.grad_scaler(), lambda s: 0.1, 0, 0, 10, args, ctx,
-        common.Progress(10, 0, 8), common.StopSignal(install=False))
-    assert step == 1 and not stopped
+    scaler = ctx.grad_scaler()
+    run, loader = make_run(args, ctx, model, optimizer, scaler, [(views, torch.zeros(8))], tmp_path)
+    aag.train_one_epoch(model, loader, optimizer, scaler, lambda s: 0.1, run, run.args, ctx)
+    assert run.step == 1 and not run.stopped
+    run.end_epoch()
+    stats = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     assert stats["loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert not torch.equal(before, model.backbone.conv1.weight)
 
@@ -434,7 +436,7 @@ def test_evaluate_reads_the_checkpoint(run_a, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Two processes (torchrun, gloo): SPEC 5, the one-process result on the global batch
+# Two processes (torchrun, gloo): the one-process result on the global batch
 # ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

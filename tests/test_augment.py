@@ -1,6 +1,7 @@
-"""View recipes and augmentations (SPEC 3.1, 3.3, 3.5 and 4): SimCLR's views,
-normalisation, the evaluation transform, seeded views, the jigsaw and the
-AutoAugment / RandAugment wrappers (CLSA's stronger augmentation: tests/test_clsa.py)."""
+"""View recipes and augmentations: SimCLR's views (App. A, B.9), normalisation,
+the evaluation transform, seeded views, DSSL's jigsaw and the AutoAugment
+wrapper (CLSA's stronger augmentation: tests/test_clsa.py; AAG's RandAugment:
+tests/test_aag.py)."""
 import numpy as np
 import pytest
 import torch
@@ -8,7 +9,9 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+import aag
 import common
+import dssl
 import simclr
 from conftest import noise_image
 
@@ -29,7 +32,7 @@ def flat_transforms(t):
 
 
 # ---------------------------------------------------------------------------
-# SimCLR views (SPEC 3.1)
+# SimCLR views (Chen et al. 2020, App. A)
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("data,side,img_side", [("cifar10", 32, 32), ("cifar10", 32, 48), ("imagenet", 224, 256)])
@@ -52,11 +55,12 @@ def test_simclr_views_shape_dtype_and_differ(data, side, img_side):
 def test_simclr_cifar_recipe():
     """CIFAR recipe (App. B.9): crop 0.08-1 at 32 px, flip, colour distortion
     of strength 0.5 (ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8), grayscale
-    p=0.2, and no Gaussian blur."""
+    p=0.2, and no Gaussian blur: not even a RandomApply with p=0, which would
+    still draw a random number per view and so change the views after it."""
     args = simclr.get_args(["--data", "cifar10"])
     ops = flat_transforms(simclr.SimCLRViews(args).t)
     kinds = [type(t) for t, _ in ops]
-    assert T.GaussianBlur not in kinds
+    assert not any(isinstance(t, T.GaussianBlur) for t, _ in ops)  # KernelBlur included
     crop = next(t for t, _ in ops if isinstance(t, T.RandomResizedCrop))
     assert tuple(crop.size) == (32, 32) and tuple(crop.scale) == (0.08, 1.0)
     assert T.RandomHorizontalFlip in kinds
@@ -91,14 +95,14 @@ def test_simclr_imagenet_recipe():
 
 @pytest.mark.parametrize("data", ["cifar10", "stl10", "imagenet"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_to_device_normalises_with_data_info(ctx, data, channels_last):
-    """to_device turns uint8 images into (x/255 - mean)/std with the data
+def test_normalize_on_device_normalises_with_data_info(ctx, data, channels_last):
+    """normalize_on_device turns uint8 images into (x/255 - mean)/std with the data
     set's DATA_INFO mean and std, per channel, as float32."""
     x = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     info = common.DATA_INFO[data]
     mean, std = torch.tensor(info["mean"]).view(1, 3, 1, 1), torch.tensor(info["std"]).view(1, 3, 1, 1)
     expected = (x.double() / 255 - mean.double()) / std.double()
-    out = common.to_device(x, ctx, data, channels_last)
+    out = common.normalize_on_device(x, ctx, data, channels_last)
     assert out.dtype == torch.float32 and out.shape == x.shape and out.device == ctx.device
     torch.testing.assert_close(out.double().cpu(), expected, atol=1e-5, rtol=1e-5)
     if channels_last:
@@ -167,7 +171,7 @@ def test_seeded_views_restore_global_rng():
 
 
 # ---------------------------------------------------------------------------
-# Jigsaw (SPEC 3.5)
+# Jigsaw (DSSL's heavy view)
 # ---------------------------------------------------------------------------
 
 def tile_image(side, grid=4, border_seed=3):
@@ -197,7 +201,7 @@ def test_jigsaw_permutes_whole_tiles(side):
     src = np.asarray(img)
     colours = [tuple(t[0, 0]) for t in tiles_of(src, side)]
     assert len(set(colours)) == 16
-    jig = common.Jigsaw(4)
+    jig = dssl.Jigsaw(4)
     orders = []
     for _ in range(5):
         out = jig(img)
@@ -219,13 +223,13 @@ def test_jigsaw_keeps_grayscale_mode():
     """A grayscale (mode L) image stays mode L with the same pixels in another order."""
     torch.manual_seed(1)
     img = noise_image(16, 16, mode="L")
-    out = common.Jigsaw(4)(img)
+    out = dssl.Jigsaw(4)(img)
     assert out.mode == "L" and out.size == (16, 16)
     assert sorted(np.asarray(out).ravel()) == sorted(np.asarray(img).ravel())
 
 
 # ---------------------------------------------------------------------------
-# AutoAugment / RandAugment wrappers (SPEC 3.2, 3.5)
+# AutoAugment policy (AAG's auxiliary view) and SimCLR's blur
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("data,policy", [
@@ -235,20 +239,12 @@ def test_jigsaw_keeps_grayscale_mode():
     ("tinyimagenet", T.AutoAugmentPolicy.CIFAR10),
 ])
 def test_autoaugment_policy_per_data_set(data, policy):
-    """autoaugment picks the published policy: SVHN for svhn, IMAGENET for
-    imagenet and folder, CIFAR10 for the other data sets."""
-    aa = common.autoaugment(data)
+    """AAG's auxiliary view picks AutoAugment's published policy: SVHN for svhn,
+    IMAGENET for imagenet and folder, CIFAR10 for the other data sets."""
+    aa = aag.AAGViews(aag.get_args(["--data", data])).aux.transforms[-1]
     assert isinstance(aa, T.AutoAugment) and aa.policy == policy
     out = aa(noise_image(32, 32))
     assert isinstance(out, Image.Image) and out.size == (32, 32)
-
-
-def test_randaugment_settings():
-    """randaugment(2, 10) is torchvision's RandAugment with 2 ops at magnitude 10."""
-    ra = common.randaugment(2, 10)
-    assert isinstance(ra, T.RandAugment) and ra.num_ops == 2 and ra.magnitude == 10
-    ra = common.randaugment(3, 5)
-    assert ra.num_ops == 3 and ra.magnitude == 5
 
 
 def test_kernel_blur_equals_torchvisions_gaussian_blur():
@@ -272,4 +268,5 @@ def test_kernel_blur_equals_torchvisions_gaussian_blur():
             assert d.max() <= 1
             differing, total = differing + (d > 0).sum(), total + d.size
     assert differing / total < 1e-3
-    assert isinstance(common.view_transform(224, p_blur=0.5).transforms[-1].transforms[0], common.KernelBlur)
+    imagenet_views = simclr.SimCLRViews(simclr.get_args(["--data", "imagenet"]))  # the blur SimCLR's views use
+    assert isinstance(imagenet_views.t.transforms[-1].transforms[0], common.KernelBlur)

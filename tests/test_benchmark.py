@@ -89,9 +89,67 @@ def test_the_compute_alone_never_waits_for_data(monkeypatch):
     with tempfile.TemporaryDirectory() as out:
         benchmark.run_method("simclr", [*SMALL, "--max-steps", "3", "--log-every", "100", "--resume", "none"], out,
                              record, compute)
+        log = benchmark.read_log(out)
     assert record.measured == compute.measured == 2
+    # the Run is put back after the compute pass: the real run logs steps 1-3 alone
+    assert [(r["step"], r["skipped_steps"]) for r in log] == [(3, 0)]
     assert record.wait >= 2 * B * 0.02 * 0.9
     assert compute.wait < 0.05 * compute.wall
+
+
+def test_the_compute_pass_leaves_the_run_as_it_was(tmp_path, ctx):
+    """set_aside: steps taken inside it (up to its own stop point) leave the Run's
+    step, stop point and epoch sums as they were, and its clocks without the
+    pass's time; the epoch record is that of the real steps alone."""
+    import torch
+    from conftest import make_run
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.backbone(x)
+
+    args = argparse.Namespace(method="simclr", arch="resnet_small", image_size=32, data="synthetic", epochs=2,
+                              max_steps=None, log_every=2, batch_size=2)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = ctx.grad_scaler()
+    run, _ = make_run(args, ctx, model, opt, scaler, [None] * 4, tmp_path)
+    losses = []
+
+    def step(x):
+        z = model(torch.full((2, 3), x) + torch.arange(6.0).view(2, 3))
+        loss = z.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return loss, run.end_step(loss, z)
+
+    losses.append(step(1.0)[0].item())
+    before = dict(step=run.step, stop_at=run.stop_at, stopped=run.stopped, sums=run.sums.clone(), n=run.n,
+                  optimizer_steps=run.optimizer_steps, epoch=run.epoch, first_step=run.first_step)
+    clocks = run.t0, run.progress.t0
+    with benchmark.set_aside(run, stop_at=run.step + 2):
+        assert run.stop_at == 3
+        assert [step(9.0)[1] for _ in range(2)] == [False, True]  # the pass's own stop point
+        time.sleep(0.05)
+    after = dict(step=run.step, stop_at=run.stop_at, stopped=run.stopped, sums=run.sums, n=run.n,
+                 optimizer_steps=run.optimizer_steps, epoch=run.epoch, first_step=run.first_step)
+    assert after.pop("sums").tolist() == before.pop("sums").tolist() and after == before == dict(
+        step=1, stop_at=8, stopped=False, n=1, optimizer_steps=1, epoch=0, first_step=0)
+    assert run.t0 - clocks[0] >= 0.05 and run.progress.t0 - clocks[1] == pytest.approx(run.t0 - clocks[0])
+    for x in (2.0, 3.0, 4.0):
+        loss, last = step(x)
+        losses.append(loss.item())
+    assert not last  # the run goes on to its own stop point (step 8)
+    run.end_epoch()
+    record = benchmark.read_log(str(tmp_path))[-1]
+    assert (record["step"], record["skipped_steps"], record["complete"]) == (4, 0, True)
+    assert record["loss"] == pytest.approx(sum(losses) / 4, rel=1e-6)
 
 
 def test_sync_accounting():
@@ -113,21 +171,22 @@ def test_warnings_are_attributed_to_the_loop_step_they_happen_in():
         def __iter__(self):
             return iter([1, 2, 3])
 
-    def train_one_epoch(model, loader, optimizer, scaler, lr_at, epoch, step, stop_at, args, ctx, progress, stop):
+    def train_one_epoch(model, loader, optimizer, scaler, lr_at, run, args, ctx):
         for _ in loader:
-            step += 1
-            if step == 12:
+            run.step += 1  # run.end_step
+            if run.step == 12:
                 warnings.warn("in the body")
-            if step >= stop_at:
+            if run.step >= run.stop_at:
                 break
         warnings.warn("after the loop")
-        return step, {}, False
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         record = benchmark.Record(0, timing=False, caught=caught)
         wrapped = benchmark.instrument(train_one_epoch, record)
-        assert wrapped(None, Loader(), None, None, None, 0, 10, 13, None, None, None, None)[0] == 13
+        run = argparse.Namespace(step=10, stop_at=13)
+        wrapped(None, Loader(), None, None, None, run, None, None)
+        assert run.step == 13
     assert [str(w.message) for w in caught] == ["in the body", "after the loop"]
     assert record.owner == [12, None]
 

@@ -193,6 +193,26 @@ def args_for(*flags):
     return clsa.get_args(["--data", "synthetic", "--arch", "resnet_small", "--batch-size", "8", "--queue-size", "16", *flags])
 
 
+class StopMain(Exception):
+    """Raised by a stand-in to end clsa.main() where a test has seen enough."""
+
+
+def main_args(monkeypatch, argv, world=1):
+    """The args clsa.main() goes on with after its checks that depend on the number of
+    processes, as `world` processes see them: common.setup gives a CPU Context of that
+    world size, and main() is stopped at load_data."""
+    seen = {}
+
+    def load_data(args, ctx):
+        seen["args"] = args
+        raise StopMain
+    monkeypatch.setattr(common, "setup", lambda args: common.Context(0, world, 0, torch.device("cpu"), None))
+    monkeypatch.setattr(common, "load_data", load_data)
+    with pytest.raises(StopMain):
+        clsa.main(argv)
+    return seen["args"]
+
+
 @pytest.mark.parametrize("variant", clsa.VARIANTS)
 def test_objective_variants_are_the_table4_rows(variant):
     """clsa: L_C(weak) + beta * sum_s L_D; contrastive: L_C(weak) + beta * sum_s L_C(strong);
@@ -270,7 +290,7 @@ def test_model_heads_and_backbone_checkpoint():
     assert all(m.splits == 4 for m in model.backbone_k.modules() if isinstance(m, common.SplitBatchNorm))
     assert any(isinstance(m, common.SplitBatchNorm) for m in model.backbone_k.modules())
     backbone, _ = common.resnet("resnet_small", 32)
-    backbone.load_state_dict(common.clean_state_dict(model.backbone), strict=True)
+    backbone.load_state_dict(model.backbone.state_dict(), strict=True)
     assert model.queue.shape == (16, 128)
     torch.testing.assert_close(model.queue.norm(dim=1), torch.ones(16))
 
@@ -532,25 +552,26 @@ def test_op_effects():
 # Flags: recipes per data set and impossible combinations
 # ---------------------------------------------------------------------------
 
-def test_recipes():
+def test_recipes(monkeypatch):
     """ImageNet: the paper's (Sec. 3.3, 4.1): lr 0.03 at B=256, CLSA-Single's one weak 224 query and one
     strong 96 view; CIFAR-size: MoCo's CIFAR demo values, lr 0.06 at B=512 (0.03 x B/256), one weak and
-    one strong view at the image size; BN groups: 8 in one process, 1 under torchrun."""
+    one strong view at the image size; BN groups: 8 in one process, 1 under torchrun (set by main() from
+    the processes it runs with; get_args does not read torchrun's environment)."""
+    monkeypatch.setenv("WORLD_SIZE", "8")
     big = clsa.get_args(["--data", "imagenet"])
     assert (big.arch, big.batch_size, big.lr, big.weight_decay, big.epochs) == ("resnet50", 256, 0.03, 1e-4, 200)
     assert (big.queue_size, big.ema_momentum, big.tau, big.beta, big.blur) == (65536, 0.999, 0.2, 1.0, 0.5)
     assert big.weak_sizes == [224] and big.weak_scales == [0.2, 1.0]
     assert big.strong_sizes == [96] and big.strong_scales == pytest.approx([0.086, 0.429], abs=1e-3)
-    assert (big.proj_dim, big.warmup_epochs, big.bn_splits, big.strong_ops) == (128, 0, 8, "authors")
+    assert (big.proj_dim, big.warmup_epochs, big.bn_splits, big.strong_ops) == (128, 0, None, "authors")
+    assert main_args(monkeypatch, ["--data", "imagenet"]).bn_splits == 8
     small = clsa.get_args(["--data", "cifar100"])
     assert (small.arch, small.batch_size, small.lr, small.weight_decay) == ("resnet18", 512, 0.03, 5e-4)
     assert small.lr * small.batch_size / 256 == pytest.approx(0.06)  # the demo's rate at its batch of 512
     assert (small.queue_size, small.ema_momentum, small.blur) == (4096, 0.99, 0.0)
     assert small.weak_sizes == [32] and small.strong_sizes == [32] and small.strong_scales == [0.2, 1.0]
     assert clsa.get_args(["--data", "stl10"]).strong_sizes == [96]
-    fresh = clsa.get_args(["--data", "imagenet"])
-    fresh.bn_splits = None
-    assert clsa.check_clsa_args(fresh, world=8).bn_splits == 1
+    assert main_args(monkeypatch, ["--data", "imagenet"], world=8).bn_splits == 1
 
 
 @pytest.mark.parametrize("flags,world", [
@@ -566,9 +587,10 @@ def test_recipes():
     (["--bn-splits", "2"], 2),
     (["--ema-momentum", "1.5"], 1),
 ])
-def test_impossible_flags_exit_2_with_one_sentence(flags, world, capsys):
+def test_impossible_flags_exit_2_with_one_sentence(flags, world, capsys, monkeypatch):
+    """get_args' checks, and main()'s that depend on the number of processes (--bn-splits)."""
     with pytest.raises(SystemExit) as exc:
-        clsa.check_clsa_args(clsa.get_args(["--data", "cifar10", *flags]), world=world)
+        main_args(monkeypatch, ["--data", "cifar10", *flags], world)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
@@ -778,9 +800,12 @@ def test_clsa_learns_on_cifar10(cifar10_dir, tmp_path):
     assert trained >= random_init + 1.5, (random_init, trained)
 
 
-def test_queue_is_the_same_on_every_process_and_not_rebroadcast_by_ddp():
+def test_queue_is_the_same_on_every_process_and_not_rebroadcast_by_ddp(monkeypatch, tmp_path, keep_rng):
     """The initial queue depends on the seed alone (not on the rank-offset global
-    RNG), so the processes agree without DDP broadcasting it every step."""
+    RNG), so the processes agree without DDP broadcasting it every step: main()
+    wraps the model through common.ddp with the queue and its pointer in
+    same_on_every_rank (and per-process BN), and common.ddp, given two processes,
+    hands those names to DDP as buffers to ignore."""
     torch.manual_seed(1)
     a = clsa.CLSA("resnet_small", 32, 32, 16, 64, 0.99, 1, seed=3)
     torch.manual_seed(2)
@@ -788,4 +813,25 @@ def test_queue_is_the_same_on_every_process_and_not_rebroadcast_by_ddp():
     c = clsa.CLSA("resnet_small", 32, 32, 16, 64, 0.99, 1, seed=4)
     assert torch.equal(a.queue, b.queue) and not torch.equal(a.queue, c.queue)
     torch.testing.assert_close(a.queue.norm(dim=1), torch.ones(64))
-    assert set(a._ddp_params_and_buffers_to_ignore) == {"queue", "queue_ptr"}
+    real_ddp, wrapped = torch.nn.parallel.DistributedDataParallel, []
+
+    class FakeDDP:  # records what DDP would wrap; the ignore list is set by DDP's own static method
+        _set_params_and_buffers_to_ignore_for_model = staticmethod(real_ddp._set_params_and_buffers_to_ignore_for_model)
+
+        def __init__(self, module, device_ids=None):
+            wrapped.append(module)
+
+    real = common.ddp
+
+    def ddp(model, ctx, **kwargs):  # main()'s call, replayed as the first of two processes
+        assert isinstance(model, clsa.CLSA) and kwargs.get("sync_bn") is False
+        real(model, common.Context(0, 2, 0, torch.device("cpu"), None), **kwargs)
+        raise StopMain
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", FakeDDP)
+    monkeypatch.setattr(common, "ddp", ddp)
+    with pytest.raises(StopMain):
+        clsa.main(["--data", "synthetic", "--arch", "resnet_small", "--workers", "0", "--batch-size", "8",
+                   "--subset", "16", "--queue-size", "16", "--knn-every", "0", "--out", str(tmp_path)])
+    assert len(wrapped) == 1
+    assert set(wrapped[0]._ddp_params_and_buffers_to_ignore) == {"queue", "queue_ptr"}
+    assert {"queue", "queue_ptr"} <= dict(wrapped[0].named_buffers()).keys()

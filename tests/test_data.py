@@ -1,4 +1,4 @@
-"""Data set readers (SPEC 2.2 and 4): every test writes a few images in the
+"""Data set readers: every test writes a few images in the
 real on-disk layout under tmp_path and reads them back through
 common.dataset / common.load_data, with downloads switched off."""
 import argparse
@@ -437,7 +437,7 @@ def test_synthetic_is_deterministic_balanced_and_sized(tmp_path):
     counts = np.bincount(y1, minlength=10)
     assert len(counts) == 10 and counts.max() - counts.min() <= 1
     train = common.dataset("synthetic", str(tmp_path), True, download=False, image_size=40)
-    xt, yt = arrays(common.first(train, len(x1)))
+    xt, yt = arrays(common.subset(train, len(x1)))
     assert len(train) > len(x1)
     assert not np.array_equal(xt, x1)
     assert set(np.bincount(np.array([train[i][1] for i in range(len(train))]), minlength=10)) <= {
@@ -445,15 +445,15 @@ def test_synthetic_is_deterministic_balanced_and_sized(tmp_path):
     assert os.listdir(tmp_path) == []  # nothing written
 
 
-def test_first_is_the_first_n_items():
-    """common.first(ds, n) (--subset N) keeps items 0..n-1 in order; None or
+def test_subset_is_the_first_n_items():
+    """common.subset(ds, n) (--subset N) keeps items 0..n-1 in order; None or
     n >= len(ds) keeps the whole data set."""
     ds = common.ArrayDataset(np.arange(5, dtype=np.uint8).repeat(12).reshape(5, 2, 2, 3), [3, 1, 4, 1, 5])
-    sub = common.first(ds, 3)
+    sub = common.subset(ds, 3)
     assert len(sub) == 3
     assert [sub[i][1] for i in range(3)] == [3, 1, 4]
     assert [int(np.asarray(sub[i][0])[0, 0, 0]) for i in range(3)] == [0, 1, 2]
-    assert common.first(ds, None) is ds and common.first(ds, 5) is ds and common.first(ds, 9) is ds
+    assert common.subset(ds, None) is ds and common.subset(ds, 5) is ds and common.subset(ds, 9) is ds
 
 
 def namespace(data, data_dir, image_size, subset=None):

@@ -18,7 +18,7 @@ from PIL import Image
 import common
 import dssl
 import dssl_dist_check as dist_setup
-from conftest import noise_image, random_init_knn, run, torchrun
+from conftest import make_run, noise_image, random_init_knn, run, torchrun
 
 # ---------------------------------------------------------------------------
 # Slow, obviously-correct references: explicit loops over images i and dimensions d
@@ -45,7 +45,7 @@ FAMILIES = {"alpha": [(0, 1), (1, 0)],   # V_T: SV <-> SV
 
 
 def eq6_ref(p, z, weights):
-    """sum over the families of weight * sum of D over its pairs, each pair term at 1/2 (SPEC 2.1)."""
+    """sum over the families of weight * sum of D over its pairs, each pair term at 1/2 (the authors' code)."""
     total = 0.0
     for weight, pairs in zip(weights, FAMILIES.values()):
         for a, b in pairs:
@@ -573,8 +573,8 @@ def test_byol_ema_update_formula():
     assert all(torch.equal(a, o) for a, o in zip(after, online))
 
 
-def test_byol_foreach_ema_equals_the_per_tensor_loop():
-    """The fused torch._foreach_* update gives, bit for bit, the per-tensor loop t.mul_(m).add_(o, alpha=1-m)."""
+def test_byol_ema_is_the_per_tensor_loop_bit_for_bit():
+    """update_target gives, bit for bit, the per-tensor loop t.mul_(m).add_(o, alpha=1-m)."""
     torch.manual_seed(1)
     model = dssl.DSSL("byol", "resnet_small", 16)
     with torch.no_grad():
@@ -584,8 +584,32 @@ def test_byol_foreach_ema_equals_the_per_tensor_loop():
     for t, o in zip(loop, [*model.backbone.parameters(), *model.projector.parameters()]):
         t.mul_(0.99).add_(o.detach(), alpha=1 - 0.99)
     model.update_target(0.99)
-    fused = [*model.target_backbone.parameters(), *model.target_projector.parameters()]
-    assert all(torch.equal(a, b) for a, b in zip(fused, loop))
+    updated = [*model.target_backbone.parameters(), *model.target_projector.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(updated, loop))
+
+
+def test_train_one_epoch_moves_the_byol_target_on_the_runs_schedule(ctx, tmp_path):
+    """After each optimizer step train_one_epoch moves the target with m_k of the cosine
+    schedule at the run's step k over the run's total steps K (epochs x steps per epoch),
+    and the run counts the steps."""
+    args = dssl.get_args(["--data", "synthetic", "--framework", "byol", "--ema-schedule", "cosine", "--ema-momentum",
+                          "0.996", "--arch", "resnet_small", "--image-size", "16", "--batch-size", "4", "--epochs", "3",
+                          "--log-every", "1000"])
+    torch.manual_seed(0)
+    model = dssl.DSSL("byol", "resnet_small", 16, heavy_targets=True)  # delta = 0.1 uses y(v^)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    batches = [([torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g) for _ in range(4)], torch.zeros(4))
+               for _ in range(2)]
+    scaler = ctx.grad_scaler()
+    run, loader = make_run(args, ctx, model, optimizer, scaler, batches, tmp_path)
+    momenta, update = [], model.update_target
+    model.update_target = lambda m: momenta.append(m) or update(m)
+    before = [t.clone() for t in model.target_backbone.parameters()]
+    dssl.train_one_epoch(model, loader, optimizer, scaler, lambda step: 0.01, run, args, ctx)
+    assert run.total_steps == 6 and run.step == 2
+    assert momenta == [dssl.target_momentum(k, 6, 0.996, "cosine") for k in range(2)]
+    assert any(not torch.equal(a, b) for a, b in zip(model.target_backbone.parameters(), before))
 
 
 def test_target_momentum_schedules():
@@ -731,7 +755,7 @@ def test_evaluate_reads_a_dssl_checkpoint(runs, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Two processes (torchrun, gloo; SPEC 5)
+# Two processes (torchrun, gloo)
 # ---------------------------------------------------------------------------
 
 WORLD = 2

@@ -1,7 +1,7 @@
-"""End to end on the CPU: simclr.py trains on synthetic data and writes the
-outputs of SPEC 2.3, evaluate.py reads them (SPEC 2.4), a run stopped by
---max-steps or SIGTERM resumes to exactly the weights of an uninterrupted
-run, and both scripts give the same results under torchrun (SPEC 5)."""
+"""End to end on the CPU: simclr.py trains on synthetic data and writes its
+outputs (last.pt, backbone.pt, log.jsonl, args.json), evaluate.py reads them, a
+run stopped by --max-steps or SIGTERM resumes to exactly the weights of an
+uninterrupted run, and both scripts give the same results under torchrun."""
 import json
 import re
 import shutil
@@ -94,7 +94,7 @@ def evals(run_a, tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------
-# Training outputs (SPEC 2.3)
+# Training outputs
 # ---------------------------------------------------------------------------
 
 def test_training_prints_progress_lines(run_a):
@@ -164,7 +164,7 @@ def test_log_jsonl_has_one_record_per_epoch_with_knn(run_a):
 
 
 # ---------------------------------------------------------------------------
-# evaluate.py (SPEC 2.4)
+# evaluate.py
 # ---------------------------------------------------------------------------
 
 def test_evaluate_prints_final_line_and_writes_the_same_json(evals):
@@ -207,7 +207,7 @@ def test_evaluate_random_init_is_the_same_network_every_run(evals):
 
 
 # ---------------------------------------------------------------------------
-# Resuming (SPEC 2.3: model, optimizer, scaler and schedule position restored)
+# Resuming (model, optimizer, scaler and schedule position restored)
 # ---------------------------------------------------------------------------
 
 def test_resume_mid_epoch_is_bit_identical(run_a, tmp_path):
@@ -260,7 +260,7 @@ def test_sigterm_saves_and_resumes_bit_identical(run_a, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# torchrun, two CPU processes (SPEC 5)
+# torchrun, two CPU processes
 # ---------------------------------------------------------------------------
 
 def test_torchrun_two_processes_train_and_evaluate(tmp_path):
@@ -299,7 +299,7 @@ def test_torchrun_two_processes_train_and_evaluate(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# The model (SPEC 3.1)
+# The model (SimCLR Sec. 2.1)
 # ---------------------------------------------------------------------------
 
 def test_simclr_model_shapes_and_head_width():

@@ -110,9 +110,9 @@ MAIN = common.Context(0, 1, 0, torch.device("cpu"), None)
 def test_out_that_is_a_file_or_cannot_be_made(tmp_path, capsys):
     f = tmp_path / "a_file"
     f.write_text("keep me")
-    assert "is a file" in error_line(capsys, lambda: common.start_run(out_args(f), MAIN), common.USAGE)
+    assert "is a file" in error_line(capsys, lambda: common.claim_out(out_args(f), MAIN), common.USAGE)
     # A folder below a file cannot be created.
-    assert "cannot write" in error_line(capsys, lambda: common.start_run(out_args(f / "run"), MAIN), common.RUNTIME)
+    assert "cannot write" in error_line(capsys, lambda: common.claim_out(out_args(f / "run"), MAIN), common.RUNTIME)
     assert f.read_text() == "keep me"
 
 
@@ -155,7 +155,7 @@ def test_a_killed_save_leaves_a_temporary_that_the_next_run_removes(tmp_path):
     live = tmp_path / f"backbone.pt.tmp{os.getppid()}"  # a live process may still be writing it
     live.write_bytes(b"y")
     (tmp_path / "last.pt").write_bytes(b"keep")
-    common.start_run(out_args(tmp_path), MAIN)
+    common.claim_out(out_args(tmp_path), MAIN)
     assert sorted(os.listdir(tmp_path)) == sorted(["args.json", "backbone.pt.tmp%d" % os.getppid(), "last.pt", "run.lock"])
 
 
@@ -163,12 +163,12 @@ def test_a_second_live_run_on_the_same_out_is_refused(tmp_path, capsys):
     (tmp_path / "run.lock").write_text(f"{os.getppid()} {os.uname().nodename}")
     (tmp_path / "log.jsonl").write_text("{}\n")
     before = digest(tmp_path)
-    assert f"process {os.getppid()}" in error_line(capsys, lambda: common.start_run(out_args(tmp_path), MAIN),
+    assert f"process {os.getppid()}" in error_line(capsys, lambda: common.claim_out(out_args(tmp_path), MAIN),
                                                    common.RUNTIME)
     assert digest(tmp_path) == before
     # A lock whose process is gone is taken over.
     (tmp_path / "run.lock").write_text(f"{dead_pid()} {os.uname().nodename}")
-    common.start_run(out_args(tmp_path), MAIN)
+    common.claim_out(out_args(tmp_path), MAIN)
     assert (tmp_path / "run.lock").read_text() == f"{os.getpid()} {os.uname().nodename}"
 
 
@@ -311,12 +311,12 @@ def test_fp16_tolerates_a_few_overflowing_steps(monkeypatch):
 
     ctx, stop = MAIN, common.StopSignal(install=False)
     nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
-    for _ in range(common.NONFINITE_PATIENCE - 1):
+    for _ in range(common.StopSignal.NONFINITE_PATIENCE - 1):
         stop.check_loss(ctx, nan, 10, 0.1, Scaler(True))  # tolerated: the scaler is still searching
-    assert stop.nonfinite == common.NONFINITE_PATIENCE - 1
+    assert stop.nonfinite == common.StopSignal.NONFINITE_PATIENCE - 1
     stop.check_loss(ctx, one, 11, 0.1, Scaler(True))
     assert stop.nonfinite == 0  # a finite loss resets the count
-    for _ in range(common.NONFINITE_PATIENCE - 1):
+    for _ in range(common.StopSignal.NONFINITE_PATIENCE - 1):
         stop.check_loss(ctx, nan, 12, 0.1, Scaler(True))
     with pytest.raises(SystemExit):
         stop.check_loss(ctx, nan, 13, 0.1, Scaler(True))

@@ -6,6 +6,7 @@ training memory format, and --deterministic.
 
 What only a GPU can confirm is listed in the README (Mixed precision and GPUs)."""
 import argparse
+import json
 import os
 
 import pytest
@@ -14,7 +15,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from conftest import error_line
 
 CUDA = torch.device("cuda", 0)
 
@@ -142,7 +142,7 @@ def test_batch_shuffle_draws_on_the_host_and_copies_its_indices_once(monkeypatch
     torch.testing.assert_close(restored, x)
 
 
-def test_to_device_copies_the_mean_and_std_once_without_blocking(monkeypatch):
+def test_normalize_on_device_copies_the_mean_and_std_once_without_blocking(monkeypatch):
     """Normalising a batch needs the data set's mean and std on the device: they are copied
     through host_to_device (no blocking copy) once per (data set, device), not once per view."""
     copied, to_device = [], common.host_to_device
@@ -155,7 +155,7 @@ def test_to_device_copies_the_mean_and_std_once_without_blocking(monkeypatch):
     common._mean_std.cache_clear()
     ctx = common.Context(0, 1, 0, torch.device("cpu"), None)
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
-    out = [common.to_device(x, ctx, "cifar10") for _ in range(3)]
+    out = [common.normalize_on_device(x, ctx, "cifar10") for _ in range(3)]
     assert copied == [(torch.device("cpu"), (1, 3, 1, 1), ctx.device)] * 2  # mean, std; then cached
     info = common.DATA_INFO["cifar10"]
     mean, std = (255 * torch.tensor(info[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
@@ -248,18 +248,6 @@ def test_split_bn_under_cpu_autocast_returns_the_input_dtype():
 
 
 # ---------------------------------------------------------------------------
-# ddp(): SyncBN and split BN groups exclude each other
-# ---------------------------------------------------------------------------
-
-def test_ddp_refuses_syncbn_over_split_bn(capsys):
-    net, _ = common.resnet("resnet_small", 32)
-    common.split_bn(net, 2)
-    ctx = common.Context(0, 2, 0, torch.device("cpu"), None)
-    assert "split" in error_line(capsys, lambda: common.ddp(net, ctx, sync_bn=True), common.USAGE)
-    assert common.ddp(net, common.Context(0, 1, 0, torch.device("cpu"), None), sync_bn=True) is net  # one process: fine
-
-
-# ---------------------------------------------------------------------------
 # LARS with multi-tensor ops equals the per-tensor loop
 # ---------------------------------------------------------------------------
 
@@ -345,25 +333,62 @@ def test_deterministic_flag_turns_on_deterministic_algorithms(monkeypatch, keep_
 
 
 # ---------------------------------------------------------------------------
-# fp16's skipped steps are counted on the device
+# fp16's skipped steps are counted by the Run (optimizer steps vs. loop steps)
 # ---------------------------------------------------------------------------
 
-def test_scaler_step_reports_skipped_steps():
+class Net(nn.Module):
+    """A one-layer model with the `backbone` a Run saves."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.backbone(x)
+
+
+def amp_step(model, opt, scaler, run, overflow=False):
+    """One step of the loop as the method files write it; True when the Run says stop."""
+    out = model(torch.ones(2, 3))
+    loss = out.sum() * (float("inf") if overflow else 1.0)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return run.end_step(loss, torch.randn(2, 4))
+
+
+def record(out):
+    return json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+
+
+def test_run_counts_steps_skipped_by_loss_scaling(tmp_path, ctx):
+    """Under an enabled (fp16-style) GradScaler, gradients that overflow make scaler.step
+    skip optimizer.step (the weights stay, the scale halves); the Run's epoch record
+    counts that step, and only that one, as skipped. With the scaler disabled no step
+    is skipped."""
+    from conftest import make_run
+    args = argparse.Namespace(method="simclr", arch="resnet_small", image_size=32, data="synthetic", epochs=1,
+                              max_steps=None, log_every=1000, batch_size=2)
     torch.manual_seed(0)
-    model = nn.Linear(3, 1)
+    model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)  # enabled: the fp16 code path, on the CPU
-    before = model.weight.detach().clone()
-    scaler.scale(model(torch.ones(2, 3)).sum() * float("inf")).backward()
-    skipped = common.scaler_step(scaler, opt)
-    assert skipped.device == before.device and skipped.item() == 1.0
-    assert torch.equal(model.weight, before) and scaler.get_scale() == 2.0 ** 3
-    opt.zero_grad()
-    scaler.scale(model(torch.ones(2, 3)).sum()).backward()
-    assert common.scaler_step(scaler, opt).item() == 0.0
-    assert not torch.equal(model.weight, before)
+    assert scaler.is_enabled()
+    run, _ = make_run(args, ctx, model, opt, scaler, [None, None], tmp_path / "fp16")
+    before = model.backbone.weight.detach().clone()
+    assert not amp_step(model, opt, scaler, run, overflow=True)  # skipped
+    assert torch.equal(model.backbone.weight, before) and scaler.get_scale() == 2.0 ** 3
+    assert amp_step(model, opt, scaler, run)  # taken; the last step of the run
+    assert not torch.equal(model.backbone.weight, before) and scaler.get_scale() == 2.0 ** 3
+    run.end_epoch()
+    assert record(tmp_path / "fp16")["skipped_steps"] == 1
+
     off = torch.amp.GradScaler("cpu", enabled=False)
-    opt.zero_grad()
-    model(torch.ones(2, 3)).sum().backward()
-    w = model.weight.detach().clone()
-    assert common.scaler_step(off, opt).item() == 0.0 and not torch.equal(model.weight, w)
+    run, _ = make_run(args, ctx, model, opt, off, [None, None], tmp_path / "off")
+    for _ in range(2):
+        w = model.backbone.weight.detach().clone()
+        amp_step(model, opt, off, run)
+        assert not torch.equal(model.backbone.weight, w)
+    run.end_epoch()
+    assert record(tmp_path / "off")["skipped_steps"] == 0

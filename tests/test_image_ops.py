@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import common
+import dssl
 from conftest import noise_image
 
 
@@ -66,7 +67,7 @@ def test_rotate_is_counter_clockwise():
 def test_cutout_paints_a_v_by_v_square_of_fill_with_the_torch_rng(v, seed):
     src = Image.new("RGB", (32, 32), (0, 0, 0))
     torch.manual_seed(seed)
-    out = np.asarray(common.cutout(src, v, fill=(125, 123, 114)))
+    out = np.asarray(dssl.cutout(src, v, fill=(125, 123, 114)))
     torch.manual_seed(seed)
     cx, cy = int(torch.randint(32, ())), int(torch.randint(32, ()))  # the centre cutout draws
     painted = (out == (125, 123, 114)).all(-1)
@@ -79,7 +80,7 @@ def test_cutout_paints_a_v_by_v_square_of_fill_with_the_torch_rng(v, seed):
 
 def test_cutout_of_size_zero_changes_nothing():
     img = noise_image(32, seed=3)
-    assert np.array_equal(np.asarray(common.cutout(img, 0)), np.asarray(img))
+    assert np.array_equal(np.asarray(dssl.cutout(img, 0)), np.asarray(img))
 
 
 @pytest.mark.parametrize("threshold", [0, 43, 128, 256])
@@ -93,7 +94,7 @@ def test_solarize_inverts_values_at_or_above_the_threshold(threshold):
 def test_solarize_add_adds_clips_then_solarizes_at_128(v):
     src = np.asarray(noise_image(32, seed=5)).astype(int)
     added = np.clip(src + v, 0, 255)
-    out = np.asarray(common.solarize_add(noise_image(32, seed=5), v)).astype(int)
+    out = np.asarray(dssl.solarize_add(noise_image(32, seed=5), v)).astype(int)
     assert np.array_equal(out, np.where(added >= 128, 255 - added, added))
 
 

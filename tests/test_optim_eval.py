@@ -275,7 +275,7 @@ def test_linear_probe_learns_separable_problem():
 
     train_f, train_y = make(400)
     test_f, test_y = make(400)
-    acc, head = common.linear_probe(train_f, train_y, test_f, test_y, 2, epochs=10, lr=0.1, batch_size=128)
+    acc, head = evaluate.linear_probe(train_f, train_y, test_f, test_y, 2, epochs=10, lr=0.1, batch_size=128)
     assert acc >= 95.0
     assert isinstance(head, nn.Linear) and head.weight.shape == (2, 5)
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6
@@ -290,7 +290,7 @@ def test_linear_probe_random_labels_stay_near_chance():
     g = torch.Generator().manual_seed(1)
     train_f, train_y = torch.randn(300, 30, generator=g), torch.randint(0, 2, (300,), generator=g)
     test_f, test_y = torch.randn(2000, 30, generator=g), torch.randint(0, 2, (2000,), generator=g)
-    acc, _ = common.linear_probe(train_f, train_y, test_f, test_y, 2, epochs=10, lr=0.1, batch_size=64)
+    acc, _ = evaluate.linear_probe(train_f, train_y, test_f, test_y, 2, epochs=10, lr=0.1, batch_size=64)
     assert 40.0 <= acc <= 60.0
 
 
@@ -338,7 +338,7 @@ def test_extract_features_frozen_ordered_and_in_eval_mode():
     x = torch.stack([common.to_tensor(ds[i][0]) for i in range(10)])
     backbone.eval()
     with torch.no_grad():
-        expected = backbone(common.to_device(x, CPU, "synthetic"))
+        expected = backbone(common.normalize_on_device(x, CPU, "synthetic"))
     torch.testing.assert_close(feats, expected, rtol=1e-4, atol=1e-5)
 
 

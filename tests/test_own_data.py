@@ -30,7 +30,7 @@ def test_labelled_tree_reads_as_before_with_val_mapped_to_train_classes(tmp_path
     assert [(os.path.basename(os.path.dirname(p)), y) for p, y in test.samples] == [("bee", 1)] * 2 + [("cow", 2)] * 2
     img, label = train[5]
     assert img.mode == "RGB" and img.size == (36, 40) and label == 1
-    assert common.num_classes("folder", common.first(train, 6)) == 3  # through --subset's wrapper too
+    assert common.num_classes("folder", common.subset(train, 6)) == 3  # through --subset's wrapper too
 
 
 @pytest.mark.parametrize("layout", ["flat", "nested", "one_class", "no_train"])
@@ -51,7 +51,7 @@ def test_unlabelled_trees_give_every_image_without_labels(tmp_path, layout):
     assert train.classes is None and {y for _, y in train.samples} == {-1}
     assert all(p.lower().endswith((".jpg", ".png", ".jpeg")) and "._" not in p for p, _ in train.samples)
     assert common.dataset("folder", str(tmp_path), False) is None
-    why = common.missing_labels(common.first(train, 2))
+    why = common.missing_labels(common.subset(train, 2))
     assert ("no train/" in why) if layout == "no_train" else ("class folders" in why)
     assert train[0][0].mode == "RGB"
 
@@ -100,7 +100,7 @@ def test_unreadable_image_in_an_unlabelled_tree_names_the_file(tmp_path, capsys)
     ds = common.dataset("folder", str(tmp_path), True)
     ctx = common.Context(0, 1, 0, torch.device("cpu"), None)
     tf = lambda img: common.to_tensor(img.resize((8, 8)))
-    loader, sampler = common.train_loader(ds, tf, 8, 0, 0, ctx)
+    loader = common.train_loader(ds, tf, 8, 0, 0, ctx)
     line = error_line(capsys, lambda: [None for _ in loader], common.RUNTIME)
     assert str(bad) in line and "not a readable image" in line
 
@@ -166,7 +166,7 @@ class Slow(torch.utils.data.Dataset):
 
 
 def loader_over(ds, batch=2):
-    return common._Loader(torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=0))
+    return common.MeasuredLoader(torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=0))
 
 
 def test_data_wait_is_high_for_a_slow_loader_and_low_for_slow_compute(capsys):

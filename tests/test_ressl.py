@@ -1,9 +1,9 @@
 """ReSSL (ressl.py): the relational loss against a literal reading of Eq. (3)-(5),
-the teacher (EMA, Eq. (6), no gradient; the fused update against the per-tensor
-loop), the FIFO memory buffer, BN per student crop (2x backprop), the views
+the teacher (EMA, Eq. (6), no gradient; bit for bit the per-tensor loop), the
+FIFO memory buffer, BN per student crop (2x backprop), the views
 (the student's PIL blur against PIL and the old 3 px kernel), the defaults per
-data set (tau_t, head width, weight decay rule), bad flags, and the script end
-to end: outputs, exact resume (teacher and buffer included), evaluate.py,
+data set (tau_t, head width, weight decay rule; --bn-splits, which main()
+completes from the number of processes), bad flags, and the script end to end: outputs, exact resume (teacher and buffer included), evaluate.py,
 2-process torchrun, and a learning check on the real CIFAR-10. The stem rule
 is in test_backbone.py."""
 import argparse
@@ -22,7 +22,7 @@ from PIL import Image, ImageFilter
 
 import common
 import ressl
-from conftest import noise_image, random_init_knn, run, torchrun
+from conftest import make_run, noise_image, random_init_knn, run, torchrun
 
 # ---------------------------------------------------------------------------
 # relational_loss against loops over i (images) and k (buffer entries)
@@ -157,9 +157,9 @@ def test_ema_update_follows_eq6():
 
 
 @pytest.mark.parametrize("m", [0.99, 0.5])
-def test_foreach_ema_equals_the_per_tensor_loop(m):
-    """update_teacher's fused torch._foreach_* ops give bit for bit what the plain loop
-    p_t.mul_(m).add_(p_s, alpha=1 - m) over the (teacher, student) parameter pairs gives."""
+def test_ema_equals_the_per_tensor_loop(m):
+    """update_teacher gives bit for bit what the plain loop p_t.mul_(m).add_(p_s, alpha=1 - m)
+    over the (teacher, student) parameter pairs of a copy of the model gives."""
     model = small_model()
     with torch.no_grad():
         for p in list(model.backbone.parameters()) + list(model.projector.parameters()):
@@ -225,7 +225,7 @@ def test_2x_backprop_forwards_each_crop_with_its_own_bn_statistics():
     assert not torch.allclose(z1, joint[0], atol=1e-3) and not torch.allclose(z2, joint[1], atol=1e-3)
 
 
-def test_train_step_reads_buffer_before_enqueue_then_updates_teacher(ctx, monkeypatch):
+def test_train_step_reads_buffer_before_enqueue_then_updates_teacher(ctx, monkeypatch, tmp_path):
     """One step of train_one_epoch (Algorithm 1): the student crops' loss sees the buffer as it was
     BEFORE this step's keys; afterwards the buffer holds this step's teacher embeddings and the teacher
     is m * (its old weights) + (1 - m) * (the student AFTER the optimizer step)."""
@@ -242,11 +242,13 @@ def test_train_step_reads_buffer_before_enqueue_then_updates_teacher(ctx, monkey
     g = torch.Generator().manual_seed(0)
     batch = [torch.randint(0, 256, (4, 3, s, s), generator=g, dtype=torch.uint8) for s in (32, 32, 24)]
     args = argparse.Namespace(data="synthetic", channels_last=False, seed=0, tau_s=0.1, tau_t=0.04, ema_momentum=0.9,
-                              log_every=100, epochs=1)
+                              log_every=100, epochs=1, max_steps=None, batch_size=4, method="ressl",
+                              arch="resnet_small", image_size=32)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
-    step, stats, _ = ressl.train_one_epoch(model, [(batch, None)], optimizer, ctx.grad_scaler(), lambda s: 0.5, 0, 0, 1,
-                                           args, ctx, common.Progress(1, 0, 4), common.StopSignal(install=False))
-    assert step == 1 and len(seen) == 1  # one loss call over both student crops' rows
+    scaler = ctx.grad_scaler()
+    run, loader = make_run(args, ctx, model, optimizer, scaler, [(batch, None)], tmp_path)
+    ressl.train_one_epoch(model, loader, optimizer, scaler, lambda s: 0.5, run, args, ctx)
+    assert run.step == 1 and len(seen) == 1  # one loss call over both student crops' rows
     for queue, _, _ in seen:
         assert torch.equal(queue, queue0)
     z_t = seen[0][1]
@@ -257,6 +259,8 @@ def test_train_step_reads_buffer_before_enqueue_then_updates_teacher(ctx, monkey
     for t0, t1, s in zip(teacher0, model.teacher.parameters(), student):
         torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * s)
     assert any(not torch.equal(t0, t1) for t0, t1 in zip(teacher0, model.teacher.parameters()))
+    run.end_epoch()
+    stats = json.loads((tmp_path / "log.jsonl").read_text())
     assert stats["loss"] > 0 and 0 < stats["z_std"] < 1.2 / 8 ** 0.5
 
 
@@ -341,6 +345,32 @@ def test_multi_crop_scales_shrink_with_the_side():
 # ---------------------------------------------------------------------------
 
 
+class AtLoadData(Exception):
+    """main() reached common.load_data: its flags are complete and checked."""
+
+
+def stop_main_at_load_data(monkeypatch, world=1):
+    """ressl.main() in a context of `world` processes (none is started) stops where it would load the data;
+    returns the list that receives the args it got there."""
+    seen = []
+
+    def load_data(args, ctx):
+        seen.append(args)
+        raise AtLoadData
+
+    monkeypatch.setattr(common, "setup", lambda args: common.Context(0, world, 0, torch.device("cpu"), None))
+    monkeypatch.setattr(common, "load_data", load_data)
+    return seen
+
+
+def main_args(argv, monkeypatch, world=1):
+    """The args ressl.main(argv) would train with in `world` processes: get_args, then what main() completes."""
+    seen = stop_main_at_load_data(monkeypatch, world)
+    with pytest.raises(AtLoadData):
+        ressl.main(argv)
+    return seen[0]
+
+
 SMALL = dict(arch="resnet18", ema_momentum=0.99, queue_size=4096, proj_dim=128, proj_hidden=2048, lr=0.06,
              weight_decay=5e-4, batch_size=256, epochs=200, warmup_epochs=5, exclude_bn_bias=False)
 MEDIUM = dict(SMALL, image_size=64, ema_momentum=0.996, queue_size=16384)
@@ -358,16 +388,20 @@ MEDIUM = dict(SMALL, image_size=64, ema_momentum=0.996, queue_size=16384)
 ])
 def test_defaults_follow_the_recipe_per_data_set(data, expected, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    args = ressl.get_args(["--data", data])
+    args = main_args(["--data", data], monkeypatch)  # one process: 8 BN groups
     assert {k: getattr(args, k) for k in expected} == expected
     assert (args.tau_s, args.teacher_aug, args.bn_splits) == (0.1, "weak", 8)
     assert args.student_crops == [args.image_size]
 
 
 def test_explicit_flags_win_and_torchrun_defaults_to_one_bn_group(monkeypatch):
+    """Under torchrun (2 processes) --bn-splits defaults to 1; get_args leaves it to main(), which knows
+    the number of processes from common.setup, not from torchrun's environment."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = ressl.get_args(["--data", "stl10", "--ema-momentum", "0.9", "--queue-size", "100", "--image-size", "96",
-                           "--tau-t", "0.04", "--proj-hidden", "512", "--exclude-bn-bias"])
+    flags = ["--data", "stl10", "--ema-momentum", "0.9", "--queue-size", "100", "--image-size", "96",
+             "--tau-t", "0.04", "--proj-hidden", "512", "--exclude-bn-bias"]
+    assert ressl.get_args(flags).bn_splits is None
+    args = main_args(flags, monkeypatch, world=2)
     assert (args.ema_momentum, args.queue_size, args.image_size, args.bn_splits) == (0.9, 100, 96, 1)
     assert (args.tau_t, args.proj_hidden, args.exclude_bn_bias) == (0.04, 512, True)
     args = ressl.get_args(["--data", "imagenet", "--no-exclude-bn-bias"])
@@ -386,16 +420,18 @@ def test_explicit_flags_win_and_torchrun_defaults_to_one_bn_group(monkeypatch):
     ["--teacher-aug", "strong"],
 ])
 def test_bad_flags_exit_with_one_line(flags, capsys, monkeypatch):
+    """Through main(): the --bn-splits check follows common.setup (one process here)."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    stop_main_at_load_data(monkeypatch)
     with pytest.raises(SystemExit) as exc:
-        ressl.get_args(["--data", "cifar10", *flags])
+        ressl.main(["--data", "cifar10", *flags])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
 # ---------------------------------------------------------------------------
-# End to end on synthetic data (SPEC 2.3), resume, evaluate.py, torchrun
+# End to end on synthetic data, resume, evaluate.py, torchrun
 # ---------------------------------------------------------------------------
 
 # 32 images in batches of 8: 4 steps per epoch; 6 steps span two epochs, 3 stop mid-way. A 20-row
@@ -473,13 +509,15 @@ def test_torchrun_two_processes_share_one_buffer(tmp_path):
     """Under torchrun (2 CPU processes, gloo; 2 steps of a global batch of 16): both ranks end with the
     same student and teacher weights and the same buffer, and the buffer took 16 keys per step (the
     gathered batch), not the 8 a rank computed; rank 0's last.pt holds its state; one BN group per
-    process by default. (BN running statistics are per process: DDP copies rank 0's before each forward.)"""
+    process by default; main() names Q to common.ddp as the same on every rank (so it is not broadcast).
+    (BN running statistics are per process: DDP copies rank 0's before each forward.)"""
     proc = torchrun(2, ["tests/ressl_dist_check.py", str(tmp_path), "--data", "synthetic", "--arch", "resnet_small",
                         "--workers", "0", "--batch-size", "16", "--subset", "64", "--max-steps", "2", "--knn-every", "0",
                         "--log-every", "1", "--queue-size", "40"])
     assert "2 process(es)" in proc.stdout
     r0, r1 = load(tmp_path / "rank0.pt"), load(tmp_path / "rank1.pt")
     assert r0["world"] == r1["world"] == 2
+    assert r0["same_on_every_rank"] == r1["same_on_every_rank"] == ["queue", "queue_ptr"]  # Q: never broadcast
     shared = [k for k in r0["model"] if not k.endswith(("running_mean", "running_var"))]
     assert "queue" in shared and "teacher.1.2.weight" in shared and "backbone.conv1.weight" in shared
     for k in shared:

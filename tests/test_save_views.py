@@ -50,9 +50,10 @@ def epoch0_views(module, argv, n):
     training loader at epoch 0 (one batch holds all 64 images, shuffled)."""
     args = module.get_args(argv)
     ctx = common.setup(args)
-    ds = common.load_data(args, ctx)[0]
+    ds = common.load_data(args, ctx).pretrain
     views_cls = next(getattr(module, k) for k in dir(module) if k.endswith("Views"))
-    loader, sampler = common.train_loader(ds, views_cls(args), args.batch_size, 0, args.seed, ctx)
+    loader = common.train_loader(ds, views_cls(args), args.batch_size, 0, args.seed, ctx)
+    sampler = loader.sampler
     sampler.set_epoch(0)
     order = [i for i, _ in sampler]
     (batch, _), = list(loader)

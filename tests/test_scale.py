@@ -60,7 +60,7 @@ def test_knn_chunks_over_the_bank_give_the_same_neighbours():
 
 def test_probe_standardises_without_a_copy_and_matches_torch_std():
     f = torch.randn(300, 5) * torch.tensor([1.0, 10.0, 0.1, 3.0, 1.0]) + 7
-    mean, std = common._feature_stats(f, len(f), chunk=7)
+    mean, std = evaluate._feature_stats(f, len(f), chunk=7)
     torch.testing.assert_close(mean, f.mean(0))
     torch.testing.assert_close(std, f.std(0) + 1e-6)
 
@@ -151,7 +151,7 @@ def test_workers_default_is_the_affinity_shared_by_the_local_processes(monkeypat
 
 
 def test_train_loader_keeps_two_batches_per_worker_in_flight(ctx):
-    loader, _ = common.train_loader(common._synthetic(True, 32, n=8), common.to_tensor, 4, 1, 0, ctx)
+    loader = common.train_loader(common._synthetic(True, 32, n=8), common.to_tensor, 4, 1, 0, ctx)
     assert loader.prefetch_factor == 2
 
 

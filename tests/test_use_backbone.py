@@ -29,7 +29,7 @@ def saved_backbone(arch, image_size, path):
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 2.0)
-    common.save_atomic(common.clean_state_dict(backbone), str(path))
+    common.save_atomic(backbone.state_dict(), str(path))
     return backbone.eval()
 
 
