@@ -23,7 +23,8 @@ Views (Algorithm 1: g_basic1, g_basic2 ~ G_basic and g_aux ~ G_aux, each drawn
 independently and applied to the same image d_i): basic = random resized crop,
 colour jitter, random grayscale, horizontal flip, Gaussian blur; auxiliary = its
 own random resized crop + flip, then AutoAugment's published policy for the
-data set (CIFAR10, SVHN or IMAGENET), or RandAugment(2 ops, magnitude 10).
+data set (CIFAR10, SVHN or IMAGENET), or torchvision's RandAugment(2 ops,
+magnitude 10) (not the authors' port's RandAugment: see Deviations).
 Blur: SimCLR's (App. A: kernel 10% of the side, sigma 0.1-2, p=0.5), since the
 paper lists blur among the basic ops and says they follow SimCLR.
 
@@ -45,19 +46,42 @@ Deviations from the paper:
 - The paper trains only on 32 px data; the ImageNet/folder defaults
   (ResNet-50 with the MLP head of Table 6, B=256) are this script's choice.
 - Table 7 (iii) "with StepLR": --schedule step. The paper gives no
-  milestones; the default --milestones 120 (lr x0.1 from epoch 120 of 200) is
-  the StepLR of ISIF's CIFAR trainer (mangye16/Unsupervised_Embedding_Learning
-  `demo_seen.py`, whose later branches never fire), the recipe AAG's settings
-  come from (lr 0.03, B=128, wd 5e-4, tau 0.1) and whose StepLR the paper says
-  it replaced with cosine. GNT-Xent inside ISIF / SimCLR (Table 5) belongs to
-  those methods.
-- The authors' MindSpore port (mindspore-ai/models research/cv/AVA_cifar)
-  differs from the paper in defaults this file does not take: RandAugment(2,
-  10) as the auxiliary view (here --aux-policy randaugment; the paper's default
-  is AutoAugment), batch 96 (here 128, Sec. Experiments) and an MLP head
-  without ReLU (here Table 6's "2-layer MLP as SimCLR does", with ReLU).
-- --arch alexnet is the CIFAR AlexNet of the AND/ISIF baselines (common.py);
-  the paper does not describe its AlexNet beyond citing Krizhevsky et al.
+  milestones; the defaults are the step schedule of ISIF's CIFAR trainer
+  (mangye16/Unsupervised_Embedding_Learning `demo_seen.py`,
+  `adjust_learning_rate` since commit 2f24bec "fix lr bug"), the recipe AAG's
+  settings come from (lr 0.03, B=128, wd 5e-4, tau 0.1) and whose StepLR the
+  paper says it replaced with cosine. ISIF sets lr = base x 0.1 for epochs
+  120-159, base x 0.05 for 160-199 and base x 0.01 from 200 (factors of the
+  base lr, not cumulative), and trains 301 epochs. Within AAG's 200 epochs
+  that is --milestones 120 160 --milestone-factors 0.1 0.05 (the default);
+  ISIF's whole run is --epochs 301 --milestones 120 160 200
+  --milestone-factors 0.1 0.05 0.01. (Before 2f24bec the later branches
+  could not fire: `if epoch >= 120` caught every later epoch.) GNT-Xent
+  inside ISIF / SimCLR (Table 5) belongs to those methods.
+- --aux-policy randaugment is torchvision's RandAugment(2, 10): 14 ops,
+  magnitude 10 of 30, e.g. translate about 4.8 px at 32 px, no Cutout. The
+  authors' MindSpore port (mindspore-ai/models research/cv/AVA_cifar,
+  src/RandAugment/augmentations.py, used by src/datasets.py with n=2, m=10)
+  is a different RandAugment: 18 ops (AutoContrast, Equalize, Invert, Rotate,
+  Posterize, Solarize, SolarizeAdd, Contrast, Sharpness, ShearX/Y, Cutout,
+  TranslateX/Y, and PIL's BLUR, CONTOUR, EMBOSS and FIND_EDGES filters; no
+  Color, Brightness or Identity), magnitude m/30 of each op's range in
+  absolute units: Cutout 13 px and Translate 33 px (more than a 32 px image)
+  at m=10, Posterize to 1 bit. Table 7's RandAugment row may have come from
+  either; this file does not reproduce the port's.
+- The port also differs from the paper in defaults this file does not take:
+  RandAugment(2, 10) as the auxiliary view (the paper's default is
+  AutoAugment), batch 96 (here 128, Sec. Experiments) and an MLP head without
+  ReLU (here Table 6's "2-layer MLP as SimCLR does", with ReLU).
+- --arch alexnet: the paper cites only Krizhevsky et al. Neither AND
+  (Raymond-sci/AND: models/ holds only resnet_cifar.py in every commit, though
+  its README links an AlexNet checkpoint) nor ISIF
+  (mangye16/Unsupervised_Embedding_Learning: resnet, resnet_cifar,
+  inception_v1) publishes an AlexNet definition. The layer sizes
+  (common.CifarAlexNet) are those of the `CIFARAlexNet` (`cifar_alexnet`,
+  low_dim head on fc 4096-1024-1024) of the lemniscate-derived code family
+  these baselines share, as found in public copies; no authors' file backs
+  them.
 - On several GPUs BN is synchronised (SyncBN), so the step equals the
   paper's one-GPU step on the same batch.
 - L_xy follows Algorithm 1 term by term; the authors' MindSpore code builds
@@ -85,8 +109,9 @@ def get_args(argv=None):
                         "to every denominator of Algorithm 1 (Eq. (3)), the NT-Xent rows of Tables 4 and 7")
     g.add_argument("--aux-policy", default="autoaugment", choices=("autoaugment", "randaugment", "basic", "none"),
                    help="g_aux, the auxiliary view (Sec. Hybrid Data Augmentation): AutoAugment's policy for the data "
-                        "set (default), RandAugment 2 ops magnitude 10 (Table 7 'with RandAugment'), a third basic view "
-                        "(Table 7 'Three Basic Views') or none (Table 7 'Two Basic Views')")
+                        "set (default), torchvision's RandAugment 2 ops magnitude 10 (Table 7 'with RandAugment'; not "
+                        "the authors' MindSpore port's RandAugment: 18 ops, Cutout 13 px, Translate 33 px at m=10), a "
+                        "third basic view (Table 7 'Three Basic Views') or none (Table 7 'Two Basic Views')")
     g.add_argument("--head", default=None, choices=("linear", "mlp"),
                    help="head to the embedding: linear (Sec. Experiments; default on CIFAR-size data) or SimCLR's "
                         "2-layer MLP (Table 6; default on imagenet/folder)")
@@ -98,11 +123,15 @@ def get_args(argv=None):
     g.add_argument("--blur", type=common.probability, default=0.5,
                    help="probability of Gaussian blur, basic op v; 0.5 with SimCLR's kernel, App. A (the authors' code: 0)")
     g.add_argument("--schedule", default="cosine", choices=("cosine", "step"),
-                   help="cosine without restarts (Sec. Experiments) or step, lr x0.1 at each of --milestones "
-                        "(Table 7 (iii) 'with StepLR')")
-    g.add_argument("--milestones", type=common.positive_int, nargs="+", default=[120],
-                   help="epochs at which --schedule step multiplies the lr by 0.1; 120 (ISIF's StepLR, the one the "
-                        "paper replaced; the paper gives none)")
+                   help="cosine without restarts (Sec. Experiments) or step (Table 7 (iii) 'with StepLR'): from each "
+                        "of --milestones on, lr = base x its --milestone-factors entry")
+    g.add_argument("--milestones", type=common.positive_int, nargs="+", default=None,
+                   help="epochs at which --schedule step changes the lr; default 120 160, ISIF's demo_seen.py "
+                        "schedule within 200 epochs (the paper gives none; ISIF's whole 301-epoch run: --epochs 301 "
+                        "--milestones 120 160 200 --milestone-factors 0.1 0.05 0.01)")
+    g.add_argument("--milestone-factors", type=common.positive_float, nargs="+", default=None,
+                   help="lr = base x factor from each milestone on (factors of the base lr, not cumulative); default "
+                        "0.1 0.05 with the default milestones (ISIF), else 0.1, 0.01, ... (StepLR, gamma 0.1)")
     g.add_argument("--knn-features", default="embedding", choices=("embedding", "backbone"),
                    help="features of the kNN monitor: the 128-d embedding, the last layer, as every kNN number in the "
                         "paper (Sec. Experiments, Evaluation protocols), or the backbone's h")
@@ -116,18 +145,32 @@ def get_args(argv=None):
         args.warmup_epochs = 10 if args.batch_size > 256 else 0
     if args.batch_size < 2:
         common.fail(f"--batch-size {args.batch_size} leaves GNT-Xent without negatives; use at least 2", common.USAGE)
+    if args.milestones is None:  # ISIF's adjust_learning_rate within 200 epochs: x0.1 at 120, x0.05 at 160
+        args.milestones = [120, 160]
+        if args.milestone_factors is None:
+            args.milestone_factors = [0.1, 0.05]
+    if args.milestone_factors is None:  # StepLR: x0.1 more at each milestone
+        args.milestone_factors = [0.1 ** (k + 1) for k in range(len(args.milestones))]
+    if list(args.milestones) != sorted(set(args.milestones)):
+        common.fail(f"--milestones {' '.join(map(str, args.milestones))} must increase", common.USAGE)
+    if len(args.milestone_factors) != len(args.milestones):
+        common.fail(f"--milestone-factors gives {len(args.milestone_factors)} factors for {len(args.milestones)} "
+                    f"--milestones; give one per milestone", common.USAGE)
     if args.schedule == "step" and any(m >= args.epochs for m in args.milestones):
         common.fail(f"--milestones {' '.join(map(str, args.milestones))} must lie between 1 and --epochs - 1 "
                     f"({args.epochs - 1})", common.USAGE)
     return args
 
 
-def step_lr(step, warmup_steps, base_lr, steps_per_epoch, milestones):
+def step_lr(step, warmup_steps, base_lr, steps_per_epoch, milestones, factors):
     """Table 7 (iii): the same linear warmup as the cosine schedule, then base_lr
-    x 0.1 for every milestone epoch reached (StepLR)."""
+    x factors[k] from milestone epoch milestones[k] on (the last one reached),
+    base_lr before the first: ISIF's demo_seen.py adjust_learning_rate with the
+    defaults (0.1 from 120, 0.05 from 160)."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
-    return base_lr * 0.1 ** sum(step >= m * steps_per_epoch for m in milestones)
+    reached = [f for m, f in zip(milestones, factors) if step >= m * steps_per_epoch]
+    return base_lr * (reached[-1] if reached else 1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -271,7 +314,8 @@ def main(argv=None):
         lr_at = functools.partial(common.lr_at, total_steps=run.total_steps, base_lr=base_lr, warmup_steps=warmup_steps)
     else:                          # Table 7 (iii): StepLR after the same warmup
         lr_at = functools.partial(step_lr, warmup_steps=warmup_steps, base_lr=base_lr,
-                                  steps_per_epoch=run.steps_per_epoch, milestones=args.milestones)
+                                  steps_per_epoch=run.steps_per_epoch, milestones=args.milestones,
+                                  factors=args.milestone_factors)
     ddp_model = common.ddp(model, ctx)  # SyncBN on GPUs: BN over the global batch, as on the paper's one GPU
 
     for epoch in run.epochs():

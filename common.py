@@ -1,7 +1,6 @@
-"""What every method takes for granted. A method file imports this module and
-this module imports no method file: whatever a paper describes (its views,
-heads, queues, momentum encoders, losses and update rules) is in the method's
-own file; what it takes for granted is here.
+"""What every method takes for granted; what a paper describes (views, heads,
+queues, momentum encoders, losses, update rules) is in the method's own file.
+Method files import this module; it imports none of them.
 
 Map, in reading order (a first reading can stop before section 11):
 
@@ -60,10 +59,8 @@ class SmallResNet(nn.Module):
 
     def __init__(self, widths=(16, 32, 64, 128)):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.conv1, self.bn1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0])
+        self.relu, self.maxpool = nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
         stages, c_in = [], widths[0]
         for i, c_out in enumerate(widths):
             stride = 1 if i == 0 else 2
@@ -72,8 +69,7 @@ class SmallResNet(nn.Module):
             stages.append(BasicBlock(c_in, c_out, stride, down))
             c_in = c_out
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[-1], 1000)  # as in torchvision; resnet() removes it
+        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(widths[-1], 1000)  # fc as torchvision's; resnet() drops it
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -84,7 +80,7 @@ class CifarAlexNet(nn.Module):
     """The small-image AlexNet of AAG's Tables 1-2 baselines (AND, Huang et al. 2019;
     ISIF, Ye et al. 2019): 3x3 convolutions 64-192-384-256-256 with BN, ReLU and
     2x2 max-pools after the 1st, 2nd and 5th, then fc 4096-1024-1024 with BN and
-    ReLU; h is 1024-d (7.5M parameters). 32-64 px images only."""
+    ReLU; h is 1024-d (7.5M parameters); 32-64 px. Sizes: the lemniscate-style `cifar_alexnet` (AND/ISIF publish none)."""
 
     dim = 1024
 
@@ -154,8 +150,7 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __init__(self, images, labels, axes=None):
         self.images, self.labels, self.axes = images, np.asarray(labels, dtype=np.int64), axes
 
-    def __len__(self):
-        return len(self.labels)
+    def __len__(self): return len(self.labels)
 
     def __getitem__(self, i):
         img = self.images[i] if self.axes is None else self.images[i].transpose(self.axes)
@@ -167,8 +162,7 @@ class ListDataset(torch.utils.data.Dataset):
     def __init__(self, samples, classes=None, missing_labels=None):
         self.samples, self.classes, self.missing_labels = samples, classes, missing_labels
 
-    def __len__(self):
-        return len(self.samples)
+    def __len__(self): return len(self.samples)
 
     def __getitem__(self, i):
         path, label = self.samples[i]
@@ -324,8 +318,7 @@ def _folder(root, train):
         fail(f"{val} has class folders that train/ does not have: {', '.join(unknown[:5])}")
     return ListDataset([(path, index[depth[0]]) for path, depth in val_files], classes)
 
-def _first_root(*candidates):
-    """Accept --data-dir pointing at the data set or at its parent."""
+def _first_root(*candidates):  # --data-dir may name the data set or its parent
     return next((c for c in candidates if os.path.isdir(os.path.join(c, "train"))), candidates[-1])
 
 def _tinyimagenet(root, train):
@@ -379,9 +372,7 @@ def dataset(name, root, train, download=True, image_size=32, pretrain=False):
         fail(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}", USAGE)
     return read[name]()
 
-def subset(ds, n):
-    """The first n items of ds (--subset), or ds itself."""
-    return ds if n is None or n >= len(ds) else torch.utils.data.Subset(ds, range(n))
+def subset(ds, n): return ds if n is None or n >= len(ds) else torch.utils.data.Subset(ds, range(n))  # --subset
 
 def load_data(args, ctx):
     """Data(pretrain, train, test) for --data, --subset applied to the training sets.
@@ -404,16 +395,12 @@ def load_data(args, ctx):
         args.knn_every = 0
     return out
 
-def missing_labels(ds):
-    """Why a training set cannot feed kNN or evaluate.py (an unlabelled folder, no val/), or None."""
-    while isinstance(ds, torch.utils.data.Subset):
-        ds = ds.dataset
-    return getattr(ds, "missing_labels", None)
+def _unsubset(ds): return _unsubset(ds.dataset) if isinstance(ds, torch.utils.data.Subset) else ds
 
-def num_classes(name, ds):
-    while isinstance(ds, torch.utils.data.Subset):
-        ds = ds.dataset
-    return DATA_INFO[name]["classes"] or len(ds.classes)
+def missing_labels(ds):  # why a training set cannot feed kNN or evaluate.py (unlabelled folder, no val/), or None
+    return getattr(_unsubset(ds), "missing_labels", None)
+
+def num_classes(name, ds): return DATA_INFO[name]["classes"] or len(_unsubset(ds).classes)
 
 
 # ===========================================================================
@@ -421,13 +408,10 @@ def num_classes(name, ds):
 # another); to_tensor gives uint8 [3, H, W] (4x less to copy than float) and
 # normalize_on_device does the rest on the GPU.
 
-def to_tensor(img):
-    """PIL image -> uint8 tensor [3, H, W]."""
-    return TF.pil_to_tensor(img)
+def to_tensor(img): return TF.pil_to_tensor(img)  # PIL image -> uint8 [3, H, W]
 
 @functools.lru_cache(maxsize=None)
-def _mean_std(data, device):
-    """Mean and std (0-255 units) as [1, 3, 1, 1] on `device`, made once per (data set, device)."""
+def _mean_std(data, device):  # mean and std (0-255) as [1, 3, 1, 1] on `device`, once per (data set, device)
     info = DATA_INFO[data]
     return tuple(host_to_device(255.0 * torch.tensor(info[k]).view(1, 3, 1, 1), device) for k in ("mean", "std"))
 
@@ -437,8 +421,7 @@ def normalize_on_device(x, ctx, data, channels_last=False):
     x = (x.to(ctx.device, non_blocking=True).float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
-def eval_transform(data, size):
-    """No augmentation: resized to `size`; ImageNet and folder resized to size/0.875 and centre-cropped."""
+def eval_transform(data, size):  # no augmentation; ImageNet-size data: resize to size/0.875, centre crop
     resize = int(round(size / 0.875)) if data in LARGE_DATA else size
     return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), to_tensor])
 
@@ -463,8 +446,7 @@ class KernelBlur(T.GaussianBlur):
 class RandomPILBlur:
     """MoCo v2's blur: PIL's GaussianBlur of radius ~ U(sigma) px, whatever the image size."""
 
-    def __init__(self, sigma=(0.1, 2.0)):
-        self.sigma = sigma
+    def __init__(self, sigma=(0.1, 2.0)): self.sigma = sigma
 
     def __call__(self, img):
         s = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * float(torch.rand(()))
@@ -494,7 +476,10 @@ def sharpness(img, v): return ImageEnhance.Sharpness(img).enhance(v)
 def save_views(args, views, ctx):
     """--save-views: a PNG grid, one row per image (the original, then the views in the
     order the Views class returns them) drawn with the sampler's epoch-0 seeds: the very
-    tensors of epoch 0. Cells are the largest view's side; smaller views are padded."""
+    tensors of epoch 0. Cells are the largest view's side; smaller views are padded, so
+    multi-crop views keep their relative sizes. The whole grid is then enlarged by one
+    integer factor k = ceil(96 / cell) (nearest neighbour: every pixel becomes a k x k
+    block), so a cell is at least 96 px (CIFAR's 32 px: x3); at cell >= 96, k = 1."""
     n = args.save_views_n
     if n > len(views):
         fail(f"--save-views-n {n} is more than the {len(views)} images of the training set", USAGE)
@@ -518,12 +503,15 @@ def save_views(args, views, ctx):
             cells += [into_cell(to_tensor(img))] + [into_cell(v) for v in row]
         names = ["original"] + list(getattr(views.transform, "names", [f"view {j + 1}" for j in range(len(rows[0]))]))
         grid = torchvision.utils.make_grid(torch.stack(cells), nrow=len(rows[0]) + 1, padding=2, pad_value=255)
+        k = -(-96 // cell)  # one integer factor for the whole grid: a cell of at least 96 px
+        grid = grid.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2)  # nearest neighbour, exact copies
         try:
             Image.fromarray(grid.permute(1, 2, 0).numpy()).save(args.save_views, format="PNG")
         except OSError as e:
             fail(f"cannot write --save-views {args.save_views}: {e}")
         print(f"{args.method} views: {' | '.join(names)}  ({n} images of {args.data}, epoch-0 seeds; {cell} px cells: "
-              f"original resized to fit, smaller views padded, not upscaled) -> {args.save_views}", flush=True)
+              f"original resized to fit, smaller views padded; whole grid enlarged x{k}, nearest neighbour, "
+              f"to {cell * k} px cells) -> {args.save_views}", flush=True)
     teardown()
 
 
@@ -533,13 +521,10 @@ def save_views(args, views, ctx):
 # training features stay sharded (ImageNet's bank is 10.5 GB) and only the test
 # features are gathered. The linear probe lives in evaluate.py.
 
-def _shard(n, ctx):
-    """This process's contiguous share of n items."""
-    return range(ctx.rank * n // ctx.world, (ctx.rank + 1) * n // ctx.world)
+def _shard(n, ctx): return range(ctx.rank * n // ctx.world, (ctx.rank + 1) * n // ctx.world)  # a contiguous share
 
 @torch.no_grad()
-def gather_shards(x, ctx):
-    """Concatenate per-rank tensors of possibly unequal length, in rank order."""
+def gather_shards(x, ctx):  # per-rank tensors of possibly unequal length, concatenated in rank order
     if ctx.world == 1:
         return x
     n = torch.tensor([len(x)], device=x.device)
@@ -578,8 +563,7 @@ def extract_features(backbone, ds, transform, ctx, data, batch_size=256, workers
     feats, labels = feats[:keep], labels[:keep]
     return (gather_shards(feats, ctx), gather_shards(labels, ctx)) if gather else (feats, labels)
 
-def _merge_top(sim_a, y_a, sim_b, y_b, k):
-    """The k largest similarities of two candidate lists [b, *] with their labels, largest first."""
+def _merge_top(sim_a, y_a, sim_b, y_b, k):  # the k largest of two candidate lists [b, *], with their labels
     sim, j = torch.cat([sim_a, sim_b], 1).topk(k, dim=1)
     return sim, torch.cat([y_a, y_b], 1).gather(1, j)
 
@@ -615,13 +599,11 @@ def knn_predict(test_feats, train_feats, train_labels, classes, k=200, t=0.1, ch
         preds.append(votes.scatter_add_(1, top_y, (top_sim / t).exp()).argmax(dim=1))
     return torch.cat(preds)
 
-def knn_top1(train_f, train_y, test_f, test_y, classes, k=200, t=0.1, ctx=None):
-    """Top-1 (%) of weighted kNN on the cosine similarity of raw features."""
+def knn_top1(train_f, train_y, test_f, test_y, classes, k=200, t=0.1, ctx=None):  # top-1 %, raw features
     pred = knn_predict(test_f, train_f, train_y, classes, k, t, ctx=ctx, normalize=True)
     return 100.0 * (pred == test_y).float().mean().item()
 
 def knn_accuracy(net, train_ds, test_ds, classes, ctx, size, data, k=200, t=0.1, batch_size=256, workers=0):
-    """Top-1 (%) of weighted kNN on the frozen net's features (the kNN monitor)."""
     tf = eval_transform(data, size)
     train_f, train_y = extract_features(net, train_ds, tf, ctx, data, batch_size, workers, gather=False)
     test_f, test_y = extract_features(net, test_ds, tf, ctx, data, batch_size, workers)
@@ -652,8 +634,7 @@ positive_float = _number(float, lambda v: v > 0, "greater than 0")
 nonneg_float = _number(float, lambda v: v >= 0, "0 or more")
 probability = _number(float, lambda v: 0 <= v <= 1, "between 0 and 1")
 
-def png_file(text):
-    """argparse type of --save-views: a FILE.png whose folder exists."""
+def png_file(text):  # --save-views: a FILE.png whose folder exists
     if not text.lower().endswith(".png"):
         raise argparse.ArgumentTypeError(f"writes a PNG: give a FILE ending in .png, got {text!r}")
     folder = os.path.dirname(os.path.abspath(os.path.expanduser(text)))
@@ -719,8 +700,7 @@ def apply_recipe(args, method, recipe):
         fail(f"--image-size {args.image_size} is too small for a ResNet; use at least 16", USAGE)
     return args
 
-def default_workers():
-    """The cores this process may use (its affinity: Slurm, taskset, containers) over this node's processes."""
+def default_workers():  # the cores this process may use (affinity: Slurm, taskset, containers) per local process
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
@@ -791,14 +771,12 @@ def choose_amp(amp, device, warn=True):
               "--amp fp16 (or auto) uses the tensor cores", file=sys.stderr, flush=True)
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
-def teardown():
-    """Leave the process group together (no rank leaves while rank 0 still saves)."""
+def teardown():  # leave the process group together: no rank leaves while rank 0 still saves
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
+def world_size(): return dist.get_world_size() if dist.is_initialized() else 1
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
@@ -820,8 +798,7 @@ def gather_with_grad(x):
     return x if world_size() == 1 else _GatherWithGrad.apply(x)
 
 @torch.no_grad()
-def concat_all_gather(x):
-    """x [n, ...] of every process, in rank order, without gradient."""
+def concat_all_gather(x):  # x [n, ...] of every process, in rank order, without gradient
     if world_size() == 1:
         return x
     out = [torch.empty_like(x) for _ in range(world_size())]
@@ -839,8 +816,7 @@ def ddp(model, ctx, sync_bn=True, same_on_every_rank=()):
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(same_on_every_rank))
     return nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
 
-def unwrap(model):
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def unwrap(model): return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 # ===========================================================================
@@ -872,8 +848,7 @@ def batch_shuffle(x, seed):
     return _exchange(x[plan.index[0]], plan.send_counts, plan.recv_counts)[plan.index[1]], plan
 
 @torch.no_grad()
-def batch_unshuffle(y, plan):
-    """Undo batch_shuffle on outputs y [n, ...]: row i is again image i of this process."""
+def batch_unshuffle(y, plan):  # undo batch_shuffle: row i of y is again image i of this process
     return _exchange(y[plan.index[2]], plan.recv_counts, plan.send_counts)[plan.index[3]]
 
 def _exchange(rows, send_counts, recv_counts):
@@ -886,8 +861,7 @@ def _exchange(rows, send_counts, recv_counts):
     dist.all_to_all_single(out, rows.contiguous(), recv_counts, send_counts)
     return out.permute(0, 3, 1, 2) if nhwc else out
 
-def host_to_device(t, device):
-    """A small host tensor to `device` without blocking the host (pinned memory, asynchronous copy)."""
+def host_to_device(t, device):  # a small host tensor, copied without blocking the host (pinned, asynchronous)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -926,8 +900,7 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_var.lerp_((var * (count / max(count - 1, 1))).mean(0).to(self.running_var.dtype), momentum)
         return out.to(x.dtype).view(x.shape)
 
-def split_bn(module, splits):
-    """Replace every BatchNorm1d/2d in `module` by a SplitBatchNorm over `splits` groups (in place)."""
+def split_bn(module, splits):  # every BatchNorm1d/2d in `module` becomes a SplitBatchNorm (in place)
     for name, child in module.named_children():
         if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
             setattr(module, name, SplitBatchNorm(child, splits))
@@ -954,8 +927,7 @@ class TrainSampler(torch.utils.data.Sampler):
         self.steps = n // global_batch
         self.epoch, self.start_step = 0, 0
 
-    def set_epoch(self, epoch, start_step=0):
-        self.epoch, self.start_step = epoch, start_step
+    def set_epoch(self, epoch, start_step=0): self.epoch, self.start_step = epoch, start_step
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -964,8 +936,7 @@ class TrainSampler(torch.utils.data.Sampler):
         base = (self.seed * 100_003 + self.epoch) * self.n
         return iter([(i, base + i) for i in mine.tolist()])
 
-    def __len__(self):
-        return (self.steps - self.start_step) * self.local
+    def __len__(self): return (self.steps - self.start_step) * self.local
 
 class SeededViews(torch.utils.data.Dataset):
     """transform(image) for each (index, seed) key, under the CPU RNG seeded with `seed`."""
@@ -973,8 +944,7 @@ class SeededViews(torch.utils.data.Dataset):
     def __init__(self, ds, transform):
         self.ds, self.transform = ds, transform
 
-    def __len__(self):
-        return len(self.ds)
+    def __len__(self): return len(self.ds)
 
     def __getitem__(self, key):
         i, seed = key
@@ -1024,11 +994,9 @@ class MeasuredLoader:
         """Share (0-1) of the time since this pass began spent waiting for batches."""
         return self.wait / max(time.perf_counter() - self.t0, 1e-9)
 
-    def __len__(self):
-        return len(self.loader)
+    def __len__(self): return len(self.loader)
 
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
+    def __getattr__(self, name): return getattr(self.loader, name)
 
 
 # ===========================================================================
@@ -1133,8 +1101,7 @@ def save_run(args, model, backbone, optimizer, scaler, step, epoch):
     save_atomic(ckpt, os.path.join(args.out, "last.pt"))
     save_atomic(ckpt["backbone"], os.path.join(args.out, "backbone.pt"))
 
-def duration(seconds):
-    """'03:04:05', or '1d 03:04:05' from a day on."""
+def duration(seconds):  # '03:04:05', or '1d 03:04:05' from a day on
     days, rest = divmod(int(min(seconds, 9_999 * 86400)), 86400)
     return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
 
@@ -1145,8 +1112,7 @@ class Progress:
         self.total, self.batch = total_steps, global_batch
         self.t0, self.s0 = time.perf_counter(), start_step
 
-    def restart(self, step):
-        self.t0, self.s0 = time.perf_counter(), step
+    def restart(self, step): self.t0, self.s0 = time.perf_counter(), step
 
     def line(self, epoch, epochs, step, loss, lr, extra="", data=None):
         ips = (step - self.s0) * self.batch / max(1e-9, time.perf_counter() - self.t0)
@@ -1245,13 +1211,11 @@ class Run:
 # ===========================================================================
 # 11. Run safety: one-line errors, nothing lost, exact resume, inert hostile files.
 
-def fail(message, code=RUNTIME):
-    """End the program with one line on stderr ("error: ...") and exit `code`."""
+def fail(message, code=RUNTIME):  # one line on stderr, exit `code`
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
-def one_line_errors(parser):
-    """argparse's usage-plus-message errors as one line."""
+def one_line_errors(parser):  # argparse's usage-plus-message errors as one line
     parser.error = lambda message: fail(f"{parser.prog}: {message} (see --help)", USAGE)
     return parser
 
@@ -1370,8 +1334,7 @@ def _stop_loader_workers():
         if hasattr(batches, "_shutdown_workers"):
             batches._shutdown_workers()
 
-def ignore_stop_signals(worker_id=None):
-    """Loader workers leave Ctrl-C / SIGTERM to the main process, which saves before stopping."""
+def ignore_stop_signals(worker_id=None):  # loader workers leave Ctrl-C / SIGTERM to the main process
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -1414,8 +1377,7 @@ def load_strict(module, state, what, hint=""):
              f"{', missing keys' if 'Missing key' in text else ''}{', unexpected keys' if 'Unexpected key' in text else ''})"
              + (hint or "; was it trained with another --arch, --image-size or method?"))
 
-def _digest(state):
-    """A hash of a state dict's tensors (0.2 s for ResNet-50's 100 MB)."""
+def _digest(state):  # a hash of a state dict's tensors (0.2 s for ResNet-50's 100 MB)
     h = hashlib.sha1()
     for key in sorted(state):
         h.update(key.encode())
@@ -1491,6 +1453,4 @@ def _alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
+    return True  # PermissionError too: someone else's live process

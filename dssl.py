@@ -16,9 +16,10 @@ delta), each pair term at 1/2 so that alpha alone IS the framework's own loss.
 
 Views (App. A): two standard views (crop 0.2-1 + flip, ColorJitter
 0.4/0.4/0.4/0.1 p=0.8, grayscale p=0.2; blur p=0.5 on ImageNet) and, for each,
-one heavy view made from it: the authors' RandAugment(n=2, m=5) (HeavyRandAugment
-below: 16 ops at FIXED magnitude m/30 of each op's range, 1-bit posterize and
-17 px shifts on CIFAR at m=5), or, with probability p, Jigsaw(4).
+one heavy view made from it: the authors' RandAugment(n=2, m=9) (HeavyRandAugment
+below: 16 ops at FIXED magnitude m/30 of each op's range; at m=9 a 1-bit posterize
+and 30 px shifts, nearly the whole side of a CIFAR image; App. A.2's m=5: 1-bit
+posterize and 17 px shifts), or, with probability p, Jigsaw(4).
 
     python dssl.py --data cifar10 --framework simsiam
     torchrun --nproc_per_node=8 dssl.py --data imagenet --data-dir /datasets/imagenet --framework byol
@@ -36,9 +37,14 @@ Deviations from the paper (defaults follow the authors' code, Yif-Yang/DSSL):
   --blur 0.5); on ImageNet MoCo v2's PIL blur, radius 0.1-2, as their code.
 - CIFAR SimSiam/BYOL warm up for 10 epochs (simsiam_cifar10/run.py); Sec. 4.2
   names only the cosine decay (--warmup-epochs 0).
-- RA(2, 5) as App. A.2 says; the authors' CIFAR launcher used m=9 (--ra-m 9).
-- BYOL: EMA 0.99 constant also on ImageNet (byol_harder-aug_imagenet/byol/byol.py);
-  BYOL's own cosine schedule from 0.996 is --ema-schedule cosine --ema-momentum 0.996.
+- RandAugment magnitude m=9, not App. A.2's RA(2, 5): every launcher of the authors
+  passes M=9 (simsiam_cifar10/run.py, simsiam_imagenet/run.py,
+  byol_harder-aug_imagenet/run.py; only simsiam_imagenet/main_simsiam.py's argparse
+  default, which its run.py overrides, is 5). The paper's reading is --ra-m 5.
+- BYOL: target EMA 0.99, constant, on every data set: the paper gives no value; the
+  authors' only BYOL code (byol_harder-aug_imagenet/byol/byol.py, moving_average_decay=0.99,
+  never scheduled) does. BYOL's own cosine schedule from 0.996 is
+  --ema-schedule cosine --ema-momentum 0.996.
   BYOL's loss is D (negative cosine), as Algorithm 1, not its normalised MSE (= 2 + 2D).
 - SimCLR framework: SimCLR's own recipe (Sec. 4.1 "strictly follow"), from the
   repository the paper names, AndrewAtanov/simclr-pytorch (configs/, models/encoder.py):
@@ -51,6 +57,32 @@ Deviations from the paper (defaults follow the authors' code, Yif-Yang/DSSL):
   augmented view-pairs" is the framework's own symmetric loss on the heavy pair
   as an extra pair, i.e. --weights 1 1 0 0 (Algorithm 2's mean over two pairs is
   --weights 0.5 0.5 0 0; every pair of Eq. (6) is --weights 1 1 1 1).
+- CIFAR defaults of --framework byol and simclr are extrapolated: the authors' CIFAR
+  trainer (simsiam_cifar10) is SimSiam's only. BYOL on CIFAR takes that trainer's
+  recipe (lr 0.03 x B/256, wd 5e-4, 10 warmup epochs, 800 epochs) and its DSSL parts
+  (weights 1 0 0.9 0.1, RA on every heavy view, no blur); SimCLR takes the same DSSL
+  parts with simclr-pytorch's optimiser recipe (below).
+- BYOL on ImageNet: the views are the Table 2 pipeline (simsiam_imagenet's). The
+  authors' BYOL code (byol_harder-aug_imagenet, "setting in Table 3" per their README)
+  is a different, harder recipe that is not reproduced here: RA(2, 9) also inside
+  the standard views, heavy views RA(8, 16) followed by a second crop, flip, jitter
+  0.5, blur and a 4x4 grid shuffle with p=0.1. From it come only the optimiser
+  (SGD, lr 0.1 at B=512, wd 1e-4, via byol_harder-aug_imagenet/run.py and
+  main_simsiam.py), the EMA 0.99 and the negative-cosine loss.
+- DSSL-SimCLR forwards v and v' as ONE batch of 2N, as SimCLR and simclr-pytorch do
+  (utils/datautils.py MultiplyBatchSampler repeats the batch indices, so models/ssl.py
+  step() encodes both views in one self.model(x) call), so the standard views share
+  BN statistics; v^ and v^' go through as a second 2N batch of their own, so heavy
+  views never shift the standard views' BN. SimSiam and BYOL forward each view
+  alone, as the authors' code (simsiam_*/main*.py: model(images[i]) per view;
+  byol.py: online_encoder(image_one), online_encoder(image_two)).
+- DSSL-SimCLR's LARS leaves out of decay and adaptation what simclr-pytorch does
+  (models/ssl.py exclude_from_wd_and_adaptation: 'bn' or 'bias' in the parameter
+  name): every bias and every BN parameter except the ResNet shortcut BN scales
+  (downsample.1.weight has no 'bn' in its name), which are decayed and adapted.
+  Excluding every BN and bias, as SimCLR's own code (google-research/simclr
+  model_util.py: 'batch_normalization' and 'bias') and simclr.py do, is
+  --lars-exclude all-bn.
 - `--heavy off` is the two-view baseline (Table 5's "1 standard view-pair"),
   not the four-standard-view re-implementation of Algorithm 2.
 """
@@ -89,16 +121,18 @@ def get_args(argv=None):
                    help="heavy views T^ (Sec. 3.2); off = the framework alone on two standard views (Table 2 'repro.')")
     g.add_argument("--weights", type=common.nonneg_float, nargs=4, metavar=("ALPHA", "BETA", "GAMMA", "DELTA"), default=None,
                    help="alpha beta gamma delta, the Eq. (6) weights of SV<->SV, HV<->HV, SV<-HV, HV<-SV, each pair "
-                        "term at 1/2; 1 0 0.9 0.1 CIFAR (the authors' CIFAR trainer), 1 0 1 0 ImageNet (Algorithm 1)")
+                        "term at 1/2; 1 0 0.9 0.1 CIFAR (the authors' SimSiam CIFAR trainer; extrapolated to byol and simclr), "
+                        "1 0 1 0 ImageNet (Algorithm 1)")
     g.add_argument("--naive", action="store_true",
                    help="Table 2's 'w/ T^' row: the framework's loss on the heavy pair as an extra pair (= --weights 1 1 0 0)")
     g.add_argument("--ra-n", type=common.positive_int, default=2, help="n, RandAugment ops per heavy view, RA(n, m); 2, App. A.2")
-    g.add_argument("--ra-m", type=common.nonneg_int, default=5,
-                   help="m, RandAugment magnitude on the 0-30 scale; 5, App. A.2 (Fig. 4); the authors' CIFAR launcher used 9")
+    g.add_argument("--ra-m", type=common.nonneg_int, default=9,
+                   help="m, RandAugment magnitude on the 0-30 scale; 9, every launcher of the authors (their run.py "
+                        "files); 5 is the paper's text, App. A.2")
     g.add_argument("--jigsaw-grid", type=common.positive_int, default=4, help="jigsaw grid n (n x n tiles), Jigsaw(n); 4, App. A.2")
     g.add_argument("--p-jigsaw", type=common.probability, default=None,
                    help="probability that a heavy view is the jigsaw instead of RandAugment; 0 CIFAR (the authors' "
-                        "CIFAR pipeline), 0.1 ImageNet (App. A.2 and their ImageNet code)")
+                        "SimSiam CIFAR pipeline), 0.1 ImageNet (App. A.2 and their ImageNet code)")
     g.add_argument("--crop-min", type=common.probability, default=None,
                    help="smallest crop area of the standard views; 0.2 SimSiam/BYOL (App. A.1), 0.08 SimCLR")
     g.add_argument("--color-strength", type=common.nonneg_float, default=None,
@@ -110,13 +144,17 @@ def get_args(argv=None):
     g.add_argument("--proj-layers", type=common.positive_int, default=None,
                    help="SimSiam projector depth (fc layers, BN on each); 2 CIFAR, 3 ImageNet (SimSiam). simsiam only")
     g.add_argument("--ema-momentum", type=common.probability, default=None,
-                   help="m, BYOL target EMA momentum (base value under --ema-schedule cosine); 0.99 (Sec. 4.2 and the "
-                        "authors' ImageNet BYOL code). byol only")
+                   help="m, BYOL target EMA momentum (base value under --ema-schedule cosine); 0.99, the authors' BYOL code "
+                        "(byol_harder-aug_imagenet/byol/byol.py; the paper gives no value). byol only")
     g.add_argument("--ema-schedule", default=None, choices=("constant", "cosine"),
                    help="BYOL target momentum schedule: constant m (the authors' code), or m_k = 1 - (1 - m)(cos(pi k/K) + 1)/2 "
                         "(BYOL Sec. 3.3). byol only")
     g.add_argument("--tau", type=common.positive_float, default=None,
                    help="tau, NT-Xent temperature of the simclr framework; 0.5 CIFAR, 0.1 ImageNet (SimCLR). simclr only")
+    g.add_argument("--lars-exclude", default="simclr-pytorch", choices=("simclr-pytorch", "all-bn"),
+                   help="parameters LARS neither decays nor adapts: simclr-pytorch's name rule (biases and BN, but "
+                        "not the ResNet shortcut BN scales), or every BN parameter and bias (SimCLR's own code). "
+                        "simclr only")
     args = parser.parse_args(argv)
     if args.heavy == "off" and (args.weights is not None or args.naive):
         common.fail("--weights and --naive weigh heavy-view terms, which --heavy off does not have; drop one", common.USAGE)
@@ -124,13 +162,14 @@ def get_args(argv=None):
         common.fail("--naive is --weights 1 1 0 0; give one of the two", common.USAGE)
     if args.out is None:  # one folder per framework and baseline, so that --resume auto never mixes them
         args.out = os.path.join("runs", f"dssl-{args.framework}{'-noheavy' if args.heavy == 'off' else ''}-{args.data}")
-    if args.data in common.LARGE_DATA:  # Sec. 4.1 and the authors' ImageNet code (lr 0.1 at B=512)
+    if args.data in common.LARGE_DATA:  # Sec. 4.1 and the authors' ImageNet run.py files (lr 0.1 at B=512)
         recipe = dict(arch="resnet50", epochs=100, batch_size=512, lr=0.05, weight_decay=1e-4, warmup_epochs=0,
                       proj_layers=3, ema_momentum=0.99, ema_schedule="constant", tau=0.1, p_jigsaw=0.1,
                       crop_min=0.2, color_strength=0.5, blur=0.5)
+        # byol: these settings and Table 2's views; their BYOL code's Table 3 views are not reproduced (Deviations)
         if args.framework == "simclr":  # SimCLR's own recipe (Sec. 4.1): simclr-pytorch's imagenet_train_*bs512.yaml
             recipe.update(lr=0.3, weight_decay=1e-6, warmup_epochs=None, crop_min=0.08, color_strength=1.0)
-    else:                               # the authors' CIFAR trainer (simsiam_cifar10/run.py): SimSiam's + warmup
+    else:  # the authors' CIFAR trainer (simsiam_cifar10/run.py), SimSiam's only: for byol (and simclr's DSSL parts) extrapolated
         recipe = dict(arch="resnet18", epochs=800, batch_size=512, lr=0.03, weight_decay=5e-4, warmup_epochs=10,
                       proj_layers=2, ema_momentum=0.99, ema_schedule="constant", tau=0.5, p_jigsaw=0.0,
                       crop_min=0.2, color_strength=0.5, blur=0.0)
@@ -198,8 +237,11 @@ class HeavyRandAugment:
     the TPU EfficientNet RandAugment table): n ops drawn uniformly WITH replacement from
     the 16 below, each applied (no probability) at the fixed value low + (high - low) m/30,
     negated with probability 1/2 for the geometric ones. Unlike torchvision's RandAugment
-    (whose m=5 is a 7-bit posterize and 2 px shifts) this is heavy on 32 px images: at
-    m=5 a 1-bit posterize, 17 px shifts, 6.7 px cutout, enhance factor 0.4."""
+    (whose m=9 is a 7-bit posterize and 4.4 px shifts on 32 px) this is heavy on 32 px
+    images: at the default m=9 a 1-bit posterize (int(1.2)), 30 px shifts, a 12 px
+    cutout, enhance factor 0.64, rotation 9 degrees, solarize threshold 77; at the
+    paper's m=5 a 1-bit posterize (0.67, floored at 1), 17 px shifts, 6.7 px cutout,
+    enhance factor 0.4, rotation 5 degrees, solarize threshold 43."""
 
     OPS = {  # name: (pixel op, low, high, random sign)
         "AutoContrast": (common.auto_contrast, 0, 1, False),
@@ -220,7 +262,7 @@ class HeavyRandAugment:
         "TranslateY": (common.translate_y, 0.0, 100.0, True),
     }
 
-    def __init__(self, n=2, m=5):
+    def __init__(self, n=2, m=9):
         self.n, self.m = n, m
 
     def sample(self):
@@ -332,9 +374,17 @@ class DSSL(nn.Module):
         SimSiam/BYOL, the projection for SimCLR), z the targets y(.) of Eq. (2)
         (SimSiam, SimCLR: the projection; BYOL: the target network's projection,
         for the heavy views only when heavy_targets, i.e. beta or delta != 0)."""
-        # One pass per view, as Algorithm 1 writes f(v), f(v'), f(v^), f(v^'): BN statistics
-        # stay per view, so jigsaw/RandAugment batches never shift the standard views' BN.
-        z = [self.projector(self.backbone(x)) for x in views]
+        if self.framework == "simclr":
+            # SimCLR encodes both views of the batch in one pass (simclr-pytorch models/ssl.py
+            # step(): one self.model(x) over the 2N images), so BN normalises v and v' together;
+            # the heavy pair v^, v^' is a second 2N pass of its own, so heavy views never shift
+            # the standard views' BN statistics.
+            z = [zi for pair in (views[:2], views[2:]) if pair
+                 for zi in self.projector(self.backbone(torch.cat(pair))).chunk(len(pair))]
+        else:
+            # SimSiam/BYOL: one pass per view, as the authors' code (model(images[i]) per view)
+            # and Algorithm 1's f(v), f(v'), f(v^), f(v^'): BN statistics stay per view.
+            z = [self.projector(self.backbone(x)) for x in views]
         p = [self.predictor(zi) for zi in z] if self.predictor is not None else z
         if self.framework == "byol":
             with torch.no_grad():
@@ -445,6 +495,22 @@ def training_loss(p, z, args):
 # Training
 # ---------------------------------------------------------------------------
 
+def lars_param_groups(model, weight_decay, exclude="simclr-pytorch"):
+    """LARS groups of the simclr framework: [decayed and adapted, neither]. "all-bn": every
+    1-D tensor (BN and biases) is left alone, as SimCLR's own code (common.param_groups).
+    "simclr-pytorch": what its name test ('bn' or 'bias' in the name, models/ssl.py) leaves
+    alone on its torchvision ResNet and fc1-bn1-relu-fc2-bn2 head: all biases and BN
+    parameters but the shortcut BN scales (`downsample.1.weight`), which are decayed and
+    adapted like the weights. Our head's BN are numbered, not named bn*, hence the test by
+    shape plus the one named exception."""
+    if exclude == "all-bn":
+        return common.param_groups(model, weight_decay)
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    adapted = [p.ndim > 1 or (".downsample." in k and k.endswith(".weight")) for k, p in named]
+    return [dict(params=[p for (_, p), a in zip(named, adapted) if a], weight_decay=weight_decay, lars=True),
+            dict(params=[p for (_, p), a in zip(named, adapted) if not a], weight_decay=0.0, lars=False)]
+
+
 def train_one_epoch(model, loader, optimizer, scaler, lr_at, run, args, ctx):
     """One pass over the loader (a resumed run re-enters its epoch where it stopped)."""
     model.train()
@@ -480,8 +546,9 @@ def main(argv=None):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     base_lr = args.lr * args.batch_size / 256  # Sec. 4.2: lr 0.03 x B/256 (SimSiam's rule); SimCLR: 1.0 x B/256
-    if args.framework == "simclr":  # SimCLR's LARS (Sec. 4.1; simclr-pytorch): no decay or adaptation on BN and biases
-        optimizer = common.LARS(common.param_groups(model, args.weight_decay), lr=base_lr, momentum=0.9, eta=0.001)
+    if args.framework == "simclr":  # SimCLR's LARS (Sec. 4.1), its exclusions as simclr-pytorch's (lars_param_groups)
+        optimizer = common.LARS(lars_param_groups(model, args.weight_decay, args.lars_exclude), lr=base_lr,
+                                momentum=0.9, eta=0.001)
     else:
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=base_lr, momentum=0.9,
                                     weight_decay=args.weight_decay)  # SimSiam's SGD: momentum 0.9, decay on every weight

@@ -26,6 +26,12 @@ Protocols:
   training image every epoch through the frozen backbone (eval mode: BN
   statistics are never updated), optimiser, lr, epochs, schedule and crop
   range (--linear-crop-scale) as flags.
+- the papers' settings: --linear-optim lars (DSSL ImageNet), --linear-schedule
+  cosine-iter (ReSSL: cosine set every step), --linear-final-lr-ratio (CLSA: the
+  cosine ends at 0.01 = 0.001 x lr 10), --interpolation bilinear (the ImageNet
+  probes' torchvision default), --eval-resize 36 (DSSL CIFAR: resize to 36, centre
+  crop 32), --linear-report best (the best test accuracy over the probe's epochs,
+  what DSSL, CLSA and ReSSL print; selected on the test set, so optimistic).
 - --features embedding: both protocols on the head's output z = g(h) instead
   of h. The head is rebuilt from last.pt's `projector.*` weights (every
   method names its head g `projector`): a bare Linear, or a Sequential whose
@@ -73,14 +79,30 @@ def get_args(argv=None):
     parser.add_argument("--linear-aug", action="store_true", help="paper-style probe: crop + flip every epoch")
     parser.add_argument("--linear-crop-scale", type=common.probability, nargs=2, default=(0.08, 1.0), metavar=("LO", "HI"),
                         help="area range of --linear-aug's random resized crop (default 0.08 1; DSSL's CIFAR probe: 0.8 1)")
-    parser.add_argument("--linear-optim", default="adam", choices=("sgd", "nesterov", "adam"),
-                        help="adam (AAG: lr 0.01), sgd (ReSSL/DSSL: lr 30) or nesterov (SimCLR: 0.1 x B/256)")
+    parser.add_argument("--linear-optim", default="adam", choices=("sgd", "nesterov", "adam", "lars"),
+                        help="adam (AAG: lr 0.01), sgd (ReSSL/DSSL CIFAR: lr 30; CLSA: 10), nesterov (SimCLR: 0.1 x B/256) "
+                             "or lars (DSSL ImageNet: momentum 0.9, trust coefficient 0.001, weight and bias both adapted)")
     parser.add_argument("--linear-lr", type=common.positive_float, default=0.01, help="linear probe learning rate")
     parser.add_argument("--linear-epochs", type=common.positive_int, default=50, help="linear probe epochs")
-    parser.add_argument("--linear-schedule", default="cosine", choices=("cosine", "step"), help="cosine to 0, or x0.1 at each milestone")
+    parser.add_argument("--linear-schedule", default="cosine", choices=("cosine", "cosine-iter", "step"),
+                        help="cosine: set once per epoch (DSSL, CLSA); cosine-iter: set every step (ReSSL's "
+                             "CosineAnnealingLR over all iterations); step: x0.1 at each milestone")
+    parser.add_argument("--linear-final-lr-ratio", type=common.probability, default=0.0, metavar="R",
+                        help="the cosine schedules fall to R x --linear-lr, not 0 (default 0; CLSA: final lr 0.01 "
+                             "at lr 10, R = 0.001)")
     parser.add_argument("--linear-milestones", type=common.positive_int, nargs="*", default=[60, 80], help="epochs of the x0.1 steps")
     parser.add_argument("--linear-wd", type=common.nonneg_float, default=0.0, help="linear probe weight decay")
     parser.add_argument("--linear-batch-size", type=common.positive_int, default=256, help="linear probe batch (global)")
+    parser.add_argument("--linear-report", default="last", choices=("last", "best"),
+                        help="last (default): the probe's accuracy after its last epoch; best: the best test accuracy "
+                             "over its epochs, tested after each one, as the DSSL, CLSA and ReSSL code reports: a figure "
+                             "selected on the test set, optimistic")
+    parser.add_argument("--eval-resize", type=common.positive_int, metavar="N",
+                        help="resize the evaluation images (kNN, fast probe, test set) to N, then centre-crop "
+                             "--image-size (DSSL's CIFAR code: 36, then 32; default: --image-size, or /0.875 on ImageNet)")
+    parser.add_argument("--interpolation", default="bicubic", choices=("bicubic", "bilinear"),
+                        help="of the evaluation resize and of --linear-aug's crops (default bicubic; the ImageNet probes "
+                             "of CLSA, ReSSL and DSSL use torchvision's default, bilinear)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.random_init == bool(args.ckpt):
@@ -90,7 +112,27 @@ def get_args(argv=None):
     lo, hi = args.linear_crop_scale
     if not 0 < lo <= hi <= 1:
         common.fail(f"--linear-crop-scale {lo} {hi}: need 0 < LO <= HI <= 1", common.USAGE)
+    if args.linear_final_lr_ratio > 0 and args.linear_schedule == "step":
+        common.fail("--linear-final-lr-ratio sets where a cosine schedule ends: not with --linear-schedule step", common.USAGE)
     return args
+
+
+INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+
+
+def eval_transform(args):
+    """The evaluation images (kNN, fast probe, test set): common.eval_transform unless --eval-resize N or
+    --interpolation bilinear, then resize to N (default: as common's, the image size, or size/0.875 on
+    ImageNet-size data) and centre-crop --image-size. DSSL's CIFAR code: 36 (int(32 x 8/7)) then 32."""
+    resize, interpolation = getattr(args, "eval_resize", None), getattr(args, "interpolation", "bicubic")
+    if resize is None and interpolation == "bicubic":
+        return common.eval_transform(args.data, args.image_size)
+    if resize is None:
+        resize = int(round(args.image_size / 0.875)) if args.data in common.LARGE_DATA else args.image_size
+    if resize < args.image_size:
+        common.fail(f"--eval-resize {resize} is smaller than the centre crop, --image-size {args.image_size}", common.USAGE)
+    return T.Compose([T.Resize(resize, interpolation=INTERPOLATION[interpolation]), T.CenterCrop(args.image_size),
+                      common.to_tensor])
 
 
 def load_head(model_state, where):
@@ -166,9 +208,11 @@ def load_backbone(args):
 
 
 def linear_probe(train_f, train_y, test_f, test_y, classes, epochs=100, lr=0.1, optimizer="sgd", schedule="cosine",
-                 milestones=(), weight_decay=0.0, batch_size=256, seed=0, ctx=None):
+                 milestones=(), weight_decay=0.0, batch_size=256, seed=0, ctx=None, final_ratio=0.0, history=None):
     """A linear classifier trained on fixed features [n, D]; returns (top-1 % on
-    the test features, the trained nn.Linear). The features are standardised
+    the test features, the trained nn.Linear). With a list as `history`, the
+    test top-1 after every epoch is appended to it (--linear-report best:
+    history[-1] is the returned figure). The features are standardised
     with the training mean and std (an affine map: the probe stays linear),
     batch by batch, so no standardised copy is held. With a ctx of several
     processes train_f/train_y are this process's shard (test_f whole): every
@@ -189,8 +233,14 @@ def linear_probe(train_f, train_y, test_f, test_y, classes, epochs=100, lr=0.1, 
         head = nn.Linear(train_f.shape[1], classes).to(train_f.device)
     opt = make_linear_optimizer(head.parameters(), optimizer, lr, weight_decay)
     steps = -(-n // batch_size)
+
+    @torch.no_grad()
+    def test_top1():
+        correct = sum(int((head((f - mean) / std).argmax(1) == y).sum()) for f, y in zip(test_f.split(8192), test_y.split(8192)))
+        return 100.0 * correct / max(1, len(test_f))
+
     for epoch in range(epochs):
-        common.set_lr(opt, linear_lr(epoch, epochs, lr, schedule, milestones))
+        common.set_lr(opt, linear_lr(epoch, epochs, lr, schedule, milestones, final_ratio))
         perm = torch.randperm(n, generator=g)  # the global order, the same on every process
         if sharded:  # this process's rows of each global batch (on the CPU: no GPU sync)
             mine = (perm >= lo) & (perm < lo + len(train_f))
@@ -199,6 +249,8 @@ def linear_probe(train_f, train_y, test_f, test_y, classes, epochs=100, lr=0.1, 
         else:
             batches = perm.to(train_f.device).split(batch_size)
         for s, idx in enumerate(batches):
+            if schedule == "cosine-iter":
+                common.set_lr(opt, linear_lr(epoch, epochs, lr, schedule, milestones, final_ratio, s, steps))
             logits = head((train_f[idx] - mean) / std)
             # The mean over the GLOBAL batch: each process adds its rows' share.
             loss = F.cross_entropy(logits, train_y[idx], reduction="sum") / min(batch_size, n - s * batch_size)
@@ -208,9 +260,9 @@ def linear_probe(train_f, train_y, test_f, test_y, classes, epochs=100, lr=0.1, 
                 for p in head.parameters():
                     dist.all_reduce(p.grad)
             opt.step()
-    with torch.no_grad():
-        correct = sum(int((head((f - mean) / std).argmax(1) == y).sum()) for f, y in zip(test_f.split(8192), test_y.split(8192)))
-    return 100.0 * correct / max(1, len(test_f)), head
+        if history is not None:
+            history.append(test_top1())
+    return history[-1] if history else test_top1(), head
 
 
 @torch.no_grad()
@@ -233,49 +285,76 @@ def _feature_stats(f, n, ctx=None, chunk=8192):
 
 
 def make_linear_optimizer(params, name, lr, weight_decay):
-    """--linear-optim: Adam, or SGD with momentum 0.9 (Nesterov for "nesterov")."""
+    """--linear-optim: Adam; SGD with momentum 0.9 (Nesterov for "nesterov"); or
+    LARS (common.LARS, momentum 0.9, eta 0.001) with every parameter adapted, the
+    bias too, as DSSL's ImageNet probe (NVIDIA's LARC, scaling mode, around SGD)."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "lars":
+        return common.LARS(params, lr=lr, momentum=0.9, weight_decay=weight_decay, eta=0.001)
     return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=name == "nesterov", weight_decay=weight_decay)
 
 
-def linear_lr(epoch, epochs, lr, schedule, milestones=()):
-    """The probe's rate in `epoch` (from 0): cosine from lr to 0, or x0.1 at each milestone epoch."""
+def linear_lr(epoch, epochs, lr, schedule, milestones=(), final_ratio=0.0, step=0, steps=1):
+    """The probe's rate in `epoch` (from 0): x0.1 at each milestone epoch ("step"),
+    or half a cosine from lr to final_ratio x lr, reached when training ends:
+    sampled at the start of each epoch ("cosine", as DSSL's and CLSA's code) or at
+    each of the `steps` steps of an epoch ("cosine-iter", `step` from 0: ReSSL's
+    CosineAnnealingLR over epochs x steps iterations)."""
     if schedule == "step":
         return lr * 0.1 ** sum(epoch >= m for m in milestones)
-    return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    t, total = (epoch * steps + step, epochs * steps) if schedule == "cosine-iter" else (epoch, epochs)
+    end = lr * final_ratio
+    return end + (lr - end) * 0.5 * (1.0 + math.cos(math.pi * t / total))
 
 
-def linear_with_aug(backbone, dim, train_set, test_f, test_y, classes, args, ctx):
-    """Paper-style probe: crop + flip every epoch, frozen backbone in eval mode."""
+def linear_with_aug(backbone, dim, train_set, test_f, test_y, classes, args, ctx, history=None):
+    """Paper-style probe: crop + flip every epoch, frozen backbone in eval mode.
+    Returns the test top-1 after the last epoch; with a list as `history`, the
+    test top-1 after every epoch is appended to it (--linear-report best)."""
     torch.manual_seed(args.seed)
     head = nn.Linear(dim, classes).to(ctx.device)
     ddp_head = common.ddp(head, ctx, sync_bn=False)
     scale = tuple(args.linear_crop_scale)  # 0.08-1 (Inception-style, default); DSSL's CIFAR probe: 0.8-1
-    tf = T.Compose([T.RandomResizedCrop(args.image_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+    interpolation = INTERPOLATION[getattr(args, "interpolation", "bicubic")]
+    tf = T.Compose([T.RandomResizedCrop(args.image_size, scale=scale, interpolation=interpolation),
                     T.RandomHorizontalFlip(), common.to_tensor])
     loader = common.train_loader(train_set, tf, args.linear_batch_size, args.workers, args.seed, ctx)
     opt = make_linear_optimizer(head.parameters(), args.linear_optim, args.linear_lr, args.linear_wd)
+    final_ratio = getattr(args, "linear_final_lr_ratio", 0.0)
     backbone.eval()
     for epoch in range(args.linear_epochs):
         loader.sampler.set_epoch(epoch)
-        common.set_lr(opt, linear_lr(epoch, args.linear_epochs, args.linear_lr, args.linear_schedule, args.linear_milestones))
-        for x, y in loader:
+        common.set_lr(opt, linear_lr(epoch, args.linear_epochs, args.linear_lr, args.linear_schedule, args.linear_milestones,
+                                     final_ratio))
+        steps = len(loader)
+        for s, (x, y) in enumerate(loader):
+            if args.linear_schedule == "cosine-iter":
+                common.set_lr(opt, linear_lr(epoch, args.linear_epochs, args.linear_lr, args.linear_schedule,
+                                             args.linear_milestones, final_ratio, s, steps))
             with torch.no_grad(), ctx.autocast():
                 h = backbone(common.normalize_on_device(x, ctx, args.data))
             loss = F.cross_entropy(ddp_head(h.float()), y.to(ctx.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if history is not None:
+            history.append(_top1(head, test_f, test_y))
         if ctx.main:
-            print(f"linear epoch {epoch + 1}/{args.linear_epochs}  loss {loss.item():.4f}", flush=True)
-    with torch.no_grad():
-        return 100.0 * (head(test_f).argmax(1) == test_y).float().mean().item()
+            tested = f"  test top-1 {history[-1]:.2f}" if history is not None else ""
+            print(f"linear epoch {epoch + 1}/{args.linear_epochs}  loss {loss.item():.4f}{tested}", flush=True)
+    return history[-1] if history else _top1(head, test_f, test_y)
+
+
+@torch.no_grad()
+def _top1(head, test_f, test_y):
+    return 100.0 * (head(test_f).argmax(1) == test_y).float().mean().item()
 
 
 def main(argv=None):
     args = get_args(argv)
     backbone, dim = load_backbone(args)
+    tf = eval_transform(args)  # here: an --eval-resize below --image-size stops before any process starts
     ctx = common.setup(args)
     backbone = backbone.to(ctx.device)
     data_args = argparse.Namespace(data=args.data, data_dir=args.data_dir, download=args.download,
@@ -286,7 +365,6 @@ def main(argv=None):
         common.fail(f"evaluate.py needs labelled images, train/<class>/<image> and val/<class>/<image> under --data-dir: "
                     f"{why}")
     classes = common.num_classes(args.data, train_set)
-    tf = common.eval_transform(args.data, args.image_size)
     # DDP: the training features stay in shards, one per process (ImageNet's are 10.5 GB);
     # --linear-aug reads the images every epoch and needs none of them.
     if args.knn or (args.linear and not args.linear_aug):
@@ -297,12 +375,26 @@ def main(argv=None):
                    train_images=len(train_set), test_images=len(test_f))
     if args.knn:
         results["knn_top1"] = common.knn_top1(train_f, train_y, test_f, test_y, classes, args.knn_k, args.knn_t, ctx=ctx)
+    history = [] if args.linear_report == "best" else None
     if args.linear and args.linear_aug:
-        results["linear_top1"] = linear_with_aug(backbone, dim, train_set, test_f, test_y, classes, args, ctx)
+        results["linear_top1"] = linear_with_aug(backbone, dim, train_set, test_f, test_y, classes, args, ctx, history)
     elif args.linear:
         results["linear_top1"], _ = linear_probe(
             train_f, train_y, test_f, test_y, classes, args.linear_epochs, args.linear_lr, args.linear_optim,
-            args.linear_schedule, args.linear_milestones, args.linear_wd, args.linear_batch_size, args.seed, ctx=ctx)
+            args.linear_schedule, args.linear_milestones, args.linear_wd, args.linear_batch_size, args.seed, ctx=ctx,
+            final_ratio=args.linear_final_lr_ratio, history=history)
+    if args.linear:
+        results["linear_report"] = args.linear_report
+        results["linear_top1_last"] = results["linear_top1"]
+    if history:  # --linear-report best: linear_top1 becomes the best epoch's test accuracy
+        best = max(range(len(history)), key=history.__getitem__)
+        results.update(linear_top1=history[best], linear_best_epoch=best + 1, linear_top1_per_epoch=history,
+                       linear_report_note="best: the maximum test accuracy over the probe's epochs, as the DSSL, "
+                                          "CLSA and ReSSL code reports it; selected on the test set, so optimistic "
+                                          "(linear_top1_last is the last epoch's)")
+        if ctx.main:
+            print(f"linear_report=best: epoch {best + 1} of {len(history)}, {history[best]:.2f} "
+                  f"(last epoch {history[-1]:.2f}; selected on the test set, optimistic)", flush=True)
     if ctx.main:
         if args.json:
             with open(args.json, "w") as f:

@@ -47,8 +47,23 @@ Deviations from the paper:
 - Multi-crop area scales are not in the paper ("the same as AdCo"): a crop of
   side s gets area (0.2 s/S, s/S) of the image, S = --image-size, as in
   AdCo's and CLSA's code (96 px: 0.086-0.429).
-- The ImageNet warmup (5 epochs) and weight decay (1e-4) are not stated in
-  Sec. 5; they are the small-data warmup and MoCo v2's decay.
+- The ImageNet warmup (5 epochs, then cosine) and weight decay (1e-4) are not
+  stated in Sec. 5; they come from the authors' ImageNet trainer,
+  KyleZheng1997/ReSSL `ressl.py` (HEAD 4d67daa: `warm_up = 5` in
+  adjust_learning_rate; SGD momentum 0.9 with weight_decay 1e-4 on all but the
+  'bn'/'bias' parameters, lr 0.05, 200 epochs), not from the small-data recipe
+  or MoCo v2. The same commit confirms ImageNet's tau_t 0.04 and tau_s 0.1
+  (ressl.py), K = 131072 and m = 0.999 (network/ressl.py) and the
+  2048-4096-512 head (network/head.py ProjectionHead).
+- Small-data settings that could NOT be checked against the authors' code:
+  their CIFAR-10/100, STL-10 and Tiny ImageNet code is published only as a
+  Google Drive archive linked from the README, not in the repository, so it
+  was not read. Resting on that code alone (the paper is silent) and so
+  unverified: the head sizes dim-2048-128, the stem rule (max-pool kept at
+  64 px), weight decay on every parameter (no BN/bias exclusion) and the
+  5-epoch warmup on small data (B=256 is this file's choice, above). The small-data lr, weight decay, m, K and
+  tau_t follow the paper's text (Sec. 4, Tables 1-2) as cited in --help, also
+  without the code to confirm them.
 """
 import argparse
 import copy
@@ -78,7 +93,8 @@ def get_args(argv=None):
     g.add_argument("--proj-dim", type=common.positive_int, default=None,
                    help="output size of the head g; 128 small (MoCo v2), 512 ImageNet (Sec. 5)")
     g.add_argument("--proj-hidden", type=common.positive_int, default=None,
-                   help="hidden size of the head g; 2048 small (the authors' small-data code), 4096 ImageNet (Sec. 5)")
+                   help="hidden size of the head g; 2048 small (the authors' small-data code, published only as an archive: "
+                        "unverified), 4096 ImageNet (Sec. 5; KyleZheng1997/ReSSL network/head.py)")
     g.add_argument("--teacher-aug", default="weak", choices=("weak", "contrastive"),
                    help="teacher view: weak = crop + flip (Sec. 4.2); contrastive = the student's recipe (Table 3, row 1)")
     g.add_argument("--student-crops", type=common.positive_int, nargs="+", default=None,

@@ -19,21 +19,38 @@ CIFAR-size data (App. B.9): s=0.5 and no blur.
 
 Deviations from the paper (defaults follow the authors' code, google-research/simclr,
 which produced the reported numbers; the paper's text is one flag away):
-- CIFAR-size defaults are the authors' CIFAR-10 command (README of
-  google-research/simclr: ResNet-18, B=512, lr 1.0 x B/256, weight decay 1e-4,
-  tau 0.5, 1000 epochs, no blur, s=0.5); App. B.9 itself trains a ResNet-50,
-  and the paper's weight decay is 1e-6 (Sec. 4; --weight-decay 1e-6).
-- The projection head has BN after each of its two layers as their code builds
-  it (`projection_head`/`linear_layer` in model_util.py: hidden Linear -> BN ->
-  ReLU, output Linear -> BN with a scale but no shift); --no-head-bn gives Sec.
-  2.1's g(h) = W2 relu(W1 h) literally. Two layers as in the paper; their later
-  (SimCLRv2) code defaults to three.
+- CIFAR-size defaults are ONE command the authors ran: the CIFAR-10 command of
+  their paper-era (SimCLR v1) README (commits be133b3 to 85e8552: ResNet-18,
+  B=512, lr 1.0 x B/256, weight decay 1e-6, tau 0.5, 1000 epochs, no blur,
+  s=0.5; "around 91%" linear), with v1's run.py head (num_nlh_layers=1: two
+  layers, the paper's head). Chosen over the v2 README because v1 matches the
+  paper's 2-layer head and is the code of the paper's era. App. B.9 itself
+  trains a ResNet-50. The other command: commit 244e712 ("updates that include
+  SimCLRv2 changes") changed the README's CIFAR weight decay to 1e-4 and
+  run.py's num_proj_layers default to 3 (a 3-layer head) in the same commit,
+  claiming the same ~91%: `--weight-decay 1e-4 --proj-layers 3`.
+- What still differs from the chosen v1 command (data_util.py at 85e8552):
+  brightness there is additive (tf.image.random_brightness, delta up to 0.8s
+  on [0, 1] pixels), here torchvision's multiplicative factor in
+  [1 - 0.8s, 1 + 0.8s] (which is v2's `random_brightness`, impl 'simclrv2');
+  the crop there is tf's sample_distorted_bounding_box with 100 attempts
+  (falling back to the whole image), here RandomResizedCrop's 10 tries
+  (falling back to a centre crop); the blur (ImageNet; off on CIFAR) there
+  draws one sigma per batch (`batch_random_blur` blurs the whole batch with one
+  sigma, a per-image coin picks blurred or not), here one sigma per image. The
+  head's hidden width and BN are v1's: Linear -> BN -> ReLU -> Linear -> BN
+  with a scale but no shift (`linear_layer` in model_util.py); --no-head-bn
+  gives Sec. 2.1's g(h) = W2 relu(W1 h) literally.
 - The loss trained on is their objective.py's loss_a + loss_b: the sum of the
   two directions, i.e. 2x Eq. (1)'s mean over the 2N views (--loss-scale sum).
-  Under LARS this is not a 2x lr: the trust ratio normalises the adapted
-  weights' step (only the gradient's balance against weight decay shifts),
-  while BN and bias parameters (not adapted) move twice as far. --loss-scale
-  mean trains on Eq. (1) as printed. nt_xent_loss itself is always the mean.
+  Under LARS this is not a 2x lr. For the adapted weights (LARS with weight
+  decay) the trust ratio fixes the step's length at eta x lr x ||w||, so the
+  factor changes only its direction: 2g + wd w points where g + (wd/2) w
+  does, i.e. against the gradient the weight decay weighs half as much as it
+  would under Eq. (1)'s mean (the default 1e-6 acts like 5e-7 would on the
+  mean). BN and bias parameters (not adapted, not decayed) move twice as far.
+  --loss-scale mean trains on Eq. (1) as printed. nt_xent_loss itself is
+  always the mean.
 - --lr-scaling sqrt without --lr uses App. B.1's base 0.075 (0.075 x sqrt(B)),
   not the linear rule's base.
 """
@@ -66,17 +83,22 @@ def get_args(argv=None):
     g.add_argument("--head-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="BN after each layer of the head g, as the authors' code (model_util.py) builds it; "
                         "default on; --no-head-bn: Sec. 2.1's g(h) = W2 relu(W1 h)")
+    g.add_argument("--proj-layers", type=int, default=2, choices=(2, 3),
+                   help="linear layers of the head g: 2 (Sec. 2.1; v1 run.py num_nlh_layers=1, default) or 3 (the "
+                        "v2 code's num_proj_layers default, commit 244e712; with --weight-decay 1e-4 the v2 README's "
+                        "CIFAR-10 command)")
     g.add_argument("--loss-scale", default="sum", choices=("sum", "mean"),
-                   help="sum: loss_a + loss_b over the two directions, the authors' objective.py (default); "
-                        "mean: Eq. (1)'s mean over the 2N views (half of it)")
+                   help="sum: loss_a + loss_b over the two directions, the authors' objective.py (default; under "
+                        "LARS it halves weight decay's weight against the gradient for the adapted weights and "
+                        "doubles the BN/bias steps); mean: Eq. (1)'s mean over the 2N views (half of it)")
     args = parser.parse_args(argv)
     if args.lr is None and args.lr_scaling == "sqrt":
         args.lr = 0.075  # App. B.1: "learning rate = 0.075 x sqrt(BatchSize)"
     if args.data in common.LARGE_DATA:  # the paper's ImageNet setting (Sec. 4)
         recipe = dict(arch="resnet50", epochs=100, batch_size=4096, lr=0.3, weight_decay=1e-6, warmup_epochs=10,
                       tau=0.1, color_strength=1.0, blur=0.5)
-    else:                               # the authors' CIFAR-10 command (their README)
-        recipe = dict(arch="resnet18", epochs=1000, batch_size=512, lr=1.0, weight_decay=1e-4, warmup_epochs=10,
+    else:                               # the authors' CIFAR-10 command (v1 README, be133b3-85e8552)
+        recipe = dict(arch="resnet18", epochs=1000, batch_size=512, lr=1.0, weight_decay=1e-6, warmup_epochs=10,
                       tau=0.5, color_strength=0.5, blur=0.0)
     return common.apply_recipe(args, "simclr", recipe)
 
@@ -110,16 +132,18 @@ class SimCLRViews:
 # ---------------------------------------------------------------------------
 
 class SimCLR(nn.Module):
-    def __init__(self, arch, image_size, proj_dim, head_bn=True):
+    def __init__(self, arch, image_size, proj_dim, head_bn=True, proj_layers=2):
         super().__init__()
         self.backbone, dim = common.resnet(arch, image_size)   # f: [B, 3, S, S] -> h [B, dim]
-        if head_bn:  # the authors' head: Linear -> BN -> ReLU -> Linear -> BN (no shift), biases folded into BN
-            self.projector = nn.Sequential(
-                nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
-                nn.Linear(dim, proj_dim, bias=False), nn.BatchNorm1d(proj_dim))
+        hidden = []
+        for _ in range(proj_layers - 1):  # hidden layers as wide as h (2: v1 and Sec. 2.1; 3: the v2 code)
+            hidden += ([nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim)] if head_bn else [nn.Linear(dim, dim)])
+            hidden += [nn.ReLU(inplace=True)]
+        if head_bn:  # the authors' head: (Linear -> BN -> ReLU) x (layers - 1) -> Linear -> BN (no shift), biases in BN
+            self.projector = nn.Sequential(*hidden, nn.Linear(dim, proj_dim, bias=False), nn.BatchNorm1d(proj_dim))
             self.projector[-1].bias.requires_grad_(False)      # center=False in their code: beta stays 0
         else:        # Sec. 2.1: z = W2 relu(W1 h), hidden as wide as h
-            self.projector = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
+            self.projector = nn.Sequential(*hidden, nn.Linear(dim, proj_dim))
 
     def forward(self, x1, x2):
         # Both views in one pass, so BN normalises over all 2N views (as the
@@ -181,7 +205,7 @@ def main(argv=None):
     if args.save_views:  # look before you train: a PNG of the epoch-0 views of the first images, then stop
         return common.save_views(args, loader.dataset, ctx)
 
-    model = SimCLR(args.arch, args.image_size, args.proj_dim, args.head_bn).to(ctx.device)
+    model = SimCLR(args.arch, args.image_size, args.proj_dim, args.head_bn, args.proj_layers).to(ctx.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     scale = args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size)

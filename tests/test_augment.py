@@ -73,6 +73,25 @@ def test_simclr_cifar_recipe():
     assert gray.p == pytest.approx(0.2)
 
 
+def test_simclr_v1_differences_are_named_and_real():
+    """The Deviations name what still differs from the v1 command (google-research/simclr at
+    85e8552): additive brightness there, a multiplicative factor here (two grey levels keep
+    their ratio under this file's jitter); 100-try crop there; one blur sigma per batch there."""
+    doc = " ".join(simclr.__doc__.split())
+    for words in ("additive (tf.image.random_brightness", "100 attempts", "one sigma per batch",
+                  "`--weight-decay 1e-4 --proj-layers 3`", "244e712"):
+        assert words in doc
+    jitter = next(t for t, _ in flat_transforms(simclr.SimCLRViews(simclr.get_args(["--data", "cifar10"])).t)
+                  if isinstance(t, T.ColorJitter))
+    only_brightness = T.ColorJitter(brightness=jitter.brightness)
+    img = torch.tensor([[[0.2, 0.4]]]).expand(3, 1, 2)
+    torch.manual_seed(0)
+    for _ in range(5):
+        out = only_brightness(img)
+        if out[0, 0, 1] < 1:  # unclipped: a factor, not an offset
+            assert out[0, 0, 1] / out[0, 0, 0] == pytest.approx(2.0, rel=1e-4)
+
+
 def test_simclr_imagenet_recipe():
     """ImageNet recipe (App. A): strength 1.0 jitter and Gaussian blur with
     p=0.5, an odd kernel of about 10% of the 224 px side, sigma 0.1-2.0."""

@@ -3,7 +3,8 @@ lift the kNN accuracy well above the randomly initialised network's.
 
 Measured on a 2-core CPU (resnet_small, the first 2,048 training images as the
 kNN bank, the full 10,000-image test set): random init (seed 0) 22.34%, after 64
-steps at batch 64 (2 epochs, no warmup) 29.18% (+6.8 points). The test asks for
+steps at batch 64 (2 epochs, no warmup) 28.92% with the default recipe (+6.6 points;
+29.67% with weight decay 1e-4, 29.18% with the BN-free head and mean loss). The test asks for
 +3 points. Longer runs learn more: 234 steps at batch 128 on 5,000 images gave
 34.79% against 25.98% for random init on that bank.
 """

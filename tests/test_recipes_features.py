@@ -34,11 +34,15 @@ def first_loss(stdout):
 # ---------------------------------------------------------------------------
 
 def test_simclr_recipe_defaults():
-    """CIFAR: the authors' command (wd 1e-4, head with BN, loss_a + loss_b); ImageNet: Sec. 4's
-    wd 1e-6; sqrt scaling without --lr uses App. B.1's 0.075, an explicit --lr wins."""
+    """CIFAR: ONE command the authors ran, their v1 README's (wd 1e-6, 2-layer head with BN,
+    loss_a + loss_b); ImageNet: Sec. 4's wd 1e-6; sqrt scaling without --lr uses App. B.1's
+    0.075, an explicit --lr wins."""
     a = simclr.get_args([])
-    assert (a.arch, a.batch_size, a.epochs, a.lr, a.weight_decay, a.tau) == ("resnet18", 512, 1000, 1.0, 1e-4, 0.5)
+    assert (a.arch, a.batch_size, a.epochs, a.lr, a.weight_decay, a.tau) == ("resnet18", 512, 1000, 1.0, 1e-6, 0.5)
     assert (a.head_bn, a.loss_scale, a.lr_scaling, a.blur, a.color_strength) == (True, "sum", "linear", 0.0, 0.5)
+    assert a.proj_layers == 2
+    v2 = simclr.get_args(["--weight-decay", "1e-4", "--proj-layers", "3"])  # the v2 README's command (244e712)
+    assert (v2.weight_decay, v2.proj_layers, v2.lr, v2.batch_size, v2.tau) == (1e-4, 3, 1.0, 512, 0.5)
     big = simclr.get_args(["--data", "imagenet"])
     assert (big.lr, big.weight_decay, big.head_bn) == (0.3, 1e-6, True)
     assert simclr.get_args(["--lr-scaling", "sqrt"]).lr == 0.075
@@ -58,6 +62,28 @@ def test_simclr_head_bn_as_the_authors_code_builds_it():
     assert all(p is not head[4].bias for g in common.param_groups(head, 1e-4) for p in g["params"])
     plain = simclr.SimCLR("resnet_small", 32, 128, head_bn=False).projector
     assert [type(m).__name__ for m in plain] == ["Linear", "ReLU", "Linear"] and plain[0].bias is not None
+
+
+def test_simclr_proj_layers_3_is_the_v2_head(capsys):
+    """--proj-layers 3: the v2 code's head (model_util.projection_head, num_proj_layers=3):
+    two hidden Linear -> BN -> ReLU layers as wide as h, then Linear -> BN without shift;
+    the rebuilt head (evaluate.load_head) computes the same z; other values are refused."""
+    model = simclr.SimCLR("resnet_small", 32, 128, head_bn=True, proj_layers=3)
+    head = model.projector
+    assert [type(m).__name__ for m in head] == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear", "BatchNorm1d"]
+    dim = head[0].in_features
+    assert [(m.in_features, m.out_features) for m in head if isinstance(m, nn.Linear)] == [(dim, dim), (dim, dim), (dim, 128)]
+    assert not head[-1].bias.requires_grad and head[3].bias is None
+    plain = simclr.SimCLR("resnet_small", 32, 128, head_bn=False, proj_layers=3).projector
+    assert [type(m).__name__ for m in plain] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    rebuilt, out = evaluate.load_head(model.state_dict(), "simclr")
+    model.eval(), rebuilt.eval()
+    h = torch.randn(4, dim)
+    with torch.no_grad():
+        assert out == 128 and torch.allclose(rebuilt(h), head(h), atol=1e-6)
+    with pytest.raises(SystemExit):
+        simclr.get_args(["--proj-layers", "4"])
+    capsys.readouterr()
 
 
 def test_simclr_sqrt_rate_and_loss_scale(tmp_path, simclr_bn):
@@ -85,11 +111,12 @@ def test_nt_xent_builds_its_indices_on_the_inputs_device():
 # ---------------------------------------------------------------------------
 
 def test_aag_schedule_and_monitor_defaults(capsys):
-    """Cosine by default (Sec. Experiments); --schedule step with --milestones 120 (ISIF's StepLR);
-    kNN monitor on the embedding; SimCLR's kernel blur p=0.5 on the basic views; milestones
-    outside the run are refused in one line."""
+    """Cosine by default (Sec. Experiments); --schedule step with ISIF's demo_seen.py schedule
+    within 200 epochs (x0.1 from 120, x0.05 from 160); kNN monitor on the embedding; SimCLR's
+    kernel blur p=0.5 on the basic views; milestones outside the run are refused in one line."""
     a = aag.get_args([])
-    assert (a.schedule, a.milestones, a.knn_features, a.blur) == ("cosine", [120], "embedding", 0.5)
+    assert (a.schedule, a.milestones, a.milestone_factors, a.knn_features, a.blur) == (
+        "cosine", [120, 160], [0.1, 0.05], "embedding", 0.5)
     blurs = [t for t in aag.AAGViews(a).basic.transforms if isinstance(t, T.RandomApply)
              and any(isinstance(u, T.GaussianBlur) for u in t.transforms)]
     assert len(blurs) == 1 and blurs[0].p == 0.5 and tuple(blurs[0].transforms[0].kernel_size) == (3, 3)
@@ -100,13 +127,61 @@ def test_aag_schedule_and_monitor_defaults(capsys):
 def test_aag_step_schedule_values():
     """Warmup as the cosine schedule, then base, base x 0.1 from the first milestone epoch,
     base x 0.01 from the second; no decay inside an epoch."""
-    lr = lambda s: aag.step_lr(s, warmup_steps=4, base_lr=0.1, steps_per_epoch=10, milestones=[6, 9])
+    lr = lambda s: aag.step_lr(s, warmup_steps=4, base_lr=0.1, steps_per_epoch=10, milestones=[6, 9],
+                               factors=[0.1, 0.01])
     assert [lr(s) for s in range(4)] == pytest.approx([0.025, 0.05, 0.075, 0.1])
     assert lr(4) == lr(59) == pytest.approx(0.1)
     assert lr(60) == lr(89) == pytest.approx(0.01)
     assert lr(90) == lr(199) == pytest.approx(0.001)
-    no_warmup = aag.step_lr(0, warmup_steps=0, base_lr=0.03, steps_per_epoch=5, milestones=[1])
+    no_warmup = aag.step_lr(0, warmup_steps=0, base_lr=0.03, steps_per_epoch=5, milestones=[1], factors=[0.1])
     assert no_warmup == pytest.approx(0.03)
+
+
+def isif_lr(epoch, base):
+    """mangye16/Unsupervised_Embedding_Learning demo_seen.py adjust_learning_rate (HEAD 29de398), verbatim logic."""
+    lr = base
+    if 120 <= epoch < 160:
+        lr = base * 0.1
+    elif 160 <= epoch < 200:
+        lr = base * 0.05
+    elif epoch >= 200:
+        lr = base * 0.01
+    return lr
+
+
+def test_aag_step_defaults_reproduce_isif(capsys):
+    """The default milestones/factors give ISIF's lr at every epoch of AAG's 200 (the x0.05
+    branch fires at 160); --epochs 301 with milestones 120 160 200 and factors 0.1 0.05 0.01
+    gives ISIF's whole 301-epoch run. --milestones alone: StepLR's cumulative x0.1."""
+    a = aag.get_args(["--schedule", "step"])
+    assert (a.epochs, a.warmup_epochs, a.milestones, a.milestone_factors) == (200, 0, [120, 160], [0.1, 0.05])
+    spe = 7
+    lr = lambda s, a: aag.step_lr(s, warmup_steps=0, base_lr=0.03, steps_per_epoch=spe, milestones=a.milestones,
+                                  factors=a.milestone_factors)
+    for e in range(a.epochs):
+        assert lr(e * spe, a) == pytest.approx(isif_lr(e, 0.03)) == pytest.approx(lr(e * spe + spe - 1, a))
+    assert lr(160 * spe, a) == pytest.approx(0.03 * 0.05)
+    full = aag.get_args(["--schedule", "step", "--epochs", "301", "--milestones", "120", "160", "200",
+                         "--milestone-factors", "0.1", "0.05", "0.01"])
+    assert all(lr(e * spe, full) == pytest.approx(isif_lr(e, 0.03)) for e in range(301))
+    assert aag.get_args(["--milestones", "50", "150"]).milestone_factors == pytest.approx([0.1, 0.01])
+    assert aag.get_args(["--milestone-factors", "0.2", "0.02"]).milestones == [120, 160]
+    error_line(capsys, lambda: aag.get_args(["--milestones", "50", "150", "--milestone-factors", "0.1"]), common.USAGE)
+    error_line(capsys, lambda: aag.get_args(["--milestones", "150", "50"]), common.USAGE)
+    error_line(capsys, lambda: aag.get_args(["--milestones", "120", "160", "200", "--milestone-factors", "0.1"]),
+               common.USAGE)
+
+
+def test_aag_help_names_isif_schedule_and_port_randaugment(capsys):
+    """--help: the step schedule's factors (no 'never fire'), and that --aux-policy randaugment
+    is torchvision's, not the MindSpore port's RandAugment."""
+    with pytest.raises(SystemExit):
+        aag.get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "never fire" not in text and "never fire" not in aag.__doc__
+    assert "--milestone-factors 0.1 0.05 0.01" in text and "120 160" in text
+    assert "torchvision's RandAugment" in text and "Cutout 13 px" in text and "Translate 33 px" in text
+    assert "18 ops" in aag.__doc__ and "2f24bec" in aag.__doc__
 
 
 # ---------------------------------------------------------------------------

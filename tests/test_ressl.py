@@ -394,6 +394,24 @@ def test_defaults_follow_the_recipe_per_data_set(data, expected, monkeypatch):
     assert args.student_crops == [args.image_size]
 
 
+def test_deviations_name_the_imagenet_sources_and_the_unchecked_small_data_settings():
+    """The ImageNet warmup 5 and weight decay 1e-4 are credited to KyleZheng1997/ReSSL ressl.py,
+    not to the small-data recipe or MoCo v2; the small-data settings that rest on the archive
+    (not in the repository) are named as unverified, and --proj-hidden's help says so."""
+    doc = " ".join(ressl.__doc__.split())
+    assert "they are the small-data warmup and MoCo v2's decay" not in doc
+    assert "KyleZheng1997/ReSSL `ressl.py` (HEAD 4d67daa: `warm_up = 5`" in doc
+    assert "weight_decay 1e-4" in doc and "not from the small-data recipe or MoCo v2" in doc
+    assert "could NOT be checked" in doc and "Google Drive archive" in doc
+    for setting in ("dim-2048-128", "stem rule", "weight decay on every parameter", "5-epoch warmup"):
+        assert setting in doc
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()) as out, pytest.raises(SystemExit):
+        ressl.get_args(["--help"])
+    assert "unverified" in " ".join(out.getvalue().split())
+
+
 def test_explicit_flags_win_and_torchrun_defaults_to_one_bn_group(monkeypatch):
     """Under torchrun (2 processes) --bn-splits defaults to 1; get_args leaves it to main(), which knows
     the number of processes from common.setup, not from torchrun's environment."""

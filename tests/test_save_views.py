@@ -11,7 +11,22 @@ from PIL import Image
 import common
 from conftest import error_line
 
-PAD = 2  # make_grid's padding around every cell
+PAD = 2  # make_grid's padding around every cell, before the grid is enlarged
+
+
+def factor(side):
+    """The one integer factor save_views enlarges the grid by: a cell of at least 96 px."""
+    return -(-96 // side)
+
+
+def native(img, side):
+    """The PNG read back at the views' own size, after checking that it is the native grid
+    enlarged by factor(side) with exact nearest-neighbour copies (every pixel a k x k block)."""
+    k = factor(side)
+    big = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+    small = big[:, ::k, ::k]
+    assert torch.equal(small.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2), big)
+    return small
 SMALL = ["--data", "synthetic", "--arch", "resnet_small", "--workers", "0", "--subset", "64", "--batch-size", "64",
          "--seed", "3"]
 
@@ -71,13 +86,16 @@ def test_grid_is_what_training_sees(case, tmp_path, capsys, keep_rng):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"{method} views: " + " | ".join(["original", *names]) + "  (")
     assert "padded" in line and "resized" in line and str(png) in line
+    k = factor(side)
+    assert f"enlarged x{k}, nearest neighbour, to {side * k} px cells" in line
     assert not out.exists()  # no training, --out untouched
 
     cols = 1 + len(names)
     img = Image.open(png)
     assert img.format == "PNG" and img.mode == "RGB"
-    assert img.size == (cols * (side + PAD) + PAD, n * (side + PAD) + PAD)
-    grid = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+    assert img.size == (k * (cols * (side + PAD) + PAD), k * (n * (side + PAD) + PAD))  # one integer multiple
+    assert side * k >= 96
+    grid = native(img, side)
 
     expected, ds = epoch0_views(module, argv, n)
     for i in range(n):
@@ -100,7 +118,7 @@ def test_views_differ_from_another_seed(tmp_path, capsys, keep_rng):
     for seed in ("3", "4"):
         png = tmp_path / f"s{seed}.png"
         simclr.main([*SMALL[:-1], seed, "--save-views", str(png), "--save-views-n", "2", "--out", str(tmp_path / "o")])
-        grids.append(np.array(Image.open(png)))
+        grids.append(native(Image.open(png), 32).permute(1, 2, 0).numpy())
     assert grids[0].shape == grids[1].shape
     assert not np.array_equal(grids[0][:, 34:], grids[1][:, 34:])  # the views differ ...
     assert np.array_equal(grids[0][:, :34], grids[1][:, :34])      # ... the originals do not
@@ -115,10 +133,54 @@ def test_original_resized_to_cell(cifar10_dir, tmp_path, capsys, keep_rng):
                "--save-views", str(png), "--save-views-n", "3", "--out", str(tmp_path / "o")])
     assert "16 px cells" in capsys.readouterr().out
     img = Image.open(png)
-    assert img.size == (5 * 18 + 2, 3 * 18 + 2)
+    assert img.size == (6 * (5 * 18 + 2), 6 * (3 * 18 + 2))  # 16 px cells enlarged x6 to 96 px
+    grid = native(img, 16).permute(1, 2, 0).numpy()
     ds = common.dataset("cifar10", cifar10_dir, True, False)
     small = np.array(ds[0][0].resize((16, 16), Image.BICUBIC)).astype(int)
-    assert np.abs(np.array(img)[2:18, 2:18].astype(int) - small).max() <= 1
+    assert np.abs(grid[2:18, 2:18].astype(int) - small).max() <= 1
+
+
+def test_cifar_grid_is_large_enough_to_look_at(cifar10_dir, tmp_path, capsys, keep_rng):
+    """Real CIFAR-10 at 32 px: the whole grid (about 104 x 274 px at its own size) is enlarged x3,
+    so a cell is 96 px; every pixel is a 3 x 3 block of the native grid's pixel, and the
+    original's cell is the image itself, enlarged."""
+    import simclr
+    png = tmp_path / "c.png"
+    simclr.main(["--data", "cifar10", "--data-dir", cifar10_dir, "--no-download", "--arch", "resnet_small",
+                 "--workers", "0", "--subset", "512", "--batch-size", "256",
+                 "--save-views", str(png), "--save-views-n", "3", "--out", str(tmp_path / "o")])
+    assert "enlarged x3" in capsys.readouterr().out
+    img = Image.open(png)
+    assert img.size == (3 * (3 * 34 + 2), 3 * (3 * 34 + 2))
+    grid = native(img, 32)
+    ds = common.dataset("cifar10", cifar10_dir, True, False)
+    original = torch.from_numpy(np.array(ds[0][0].convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(grid[:, 2:34, 2:34], original)
+    big = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+    assert torch.equal(big[:, 6:102, 6:102], original.repeat_interleave(3, 1).repeat_interleave(3, 2))  # a 96 px cell
+
+
+def test_multicrop_relative_sizes_kept(tmp_path, capsys, keep_rng):
+    """ReSSL with student crops 32 and 16: after the x3 enlargement the 16 px view fills a
+    48 x 48 block centred in its 96 px cell, half the 32 px view's 96; the rest is grey."""
+    import ressl
+    png = tmp_path / "m.png"
+    ressl.main([*SMALL, "--student-crops", "32", "16", "--save-views", str(png), "--save-views-n", "2",
+                "--out", str(tmp_path / "o")])
+    capsys.readouterr()
+    big = torch.from_numpy(np.array(Image.open(png))).permute(2, 0, 1)
+    k, side = 3, 32
+    assert big.shape[1:] == (k * (2 * (side + PAD) + PAD), k * (4 * (side + PAD) + PAD))
+    for row in range(2):
+        top = k * (PAD + row * (side + PAD))
+        big_view = big[:, top:top + k * side, k * (PAD + 2 * (side + PAD)):][:, :, :k * side]
+        small_cell = big[:, top:top + k * side, k * (PAD + 3 * (side + PAD)):][:, :, :k * side]
+        inner = small_cell[:, k * 8:k * 24, k * 8:k * 24]  # the 16 px view, centred, now 48 px
+        assert inner.shape[1:] == (48, 48) and big_view.shape[1:] == (96, 96)
+        rest = small_cell.clone()
+        rest[:, k * 8:k * 24, k * 8:k * 24] = 128
+        assert (rest == 128).all()  # grey padding: the view is not upscaled to the cell
+        assert not (inner == 128).all()
 
 
 @pytest.mark.parametrize("flags, words", [
