@@ -421,9 +421,10 @@ def normalize_on_device(x, ctx, data, channels_last=False):
     x = (x.to(ctx.device, non_blocking=True).float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
-def eval_transform(data, size):  # no augmentation; ImageNet-size data: resize to size/0.875, centre crop
-    resize = int(round(size / 0.875)) if data in LARGE_DATA else size
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), to_tensor])
+def eval_transform(data, size, resize=None, interpolation=T.InterpolationMode.BICUBIC):
+    """No augmentation: resize to `resize` (default: `size`; size/0.875 on ImageNet-size data), centre-crop `size`."""
+    resize = resize or (int(round(size / 0.875)) if data in LARGE_DATA else size)
+    return T.Compose([T.Resize(resize, interpolation=interpolation), T.CenterCrop(size), to_tensor])
 
 class KernelBlur(T.GaussianBlur):
     """SimCLR's blur (App. A): torchvision's GaussianBlur (same sigma draw, kernel, reflect
@@ -1002,11 +1003,12 @@ class MeasuredLoader:
 # ===========================================================================
 # 9. LARS (You et al. 2017, as SimCLR uses it) and the learning-rate schedule.
 
-def param_groups(model, weight_decay):
-    """Weights (decayed, LARS-adapted), then biases and BN (1-D: neither; SimCLR App. B.6)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [dict(params=[p for p in params if p.ndim > 1], weight_decay=weight_decay, lars=True),
-            dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0, lars=False)]
+def param_groups(model, weight_decay, adapted=lambda name, p: p.ndim > 1):
+    """[decayed and LARS-adapted, neither]: by default the weights, then biases and BN (the 1-D
+    tensors; SimCLR App. B.6); `adapted(name, parameter)` chooses otherwise."""
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    return [dict(params=[p for k, p in named if adapted(k, p)], weight_decay=weight_decay, lars=True),
+            dict(params=[p for k, p in named if not adapted(k, p)], weight_decay=0.0, lars=False)]
 
 class LARS(torch.optim.Optimizer):
     """Layer-wise adaptive rate scaling, per parameter tensor w with gradient g:

@@ -505,10 +505,8 @@ def lars_param_groups(model, weight_decay, exclude="simclr-pytorch"):
     shape plus the one named exception."""
     if exclude == "all-bn":
         return common.param_groups(model, weight_decay)
-    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-    adapted = [p.ndim > 1 or (".downsample." in k and k.endswith(".weight")) for k, p in named]
-    return [dict(params=[p for (_, p), a in zip(named, adapted) if a], weight_decay=weight_decay, lars=True),
-            dict(params=[p for (_, p), a in zip(named, adapted) if not a], weight_decay=0.0, lars=False)]
+    return common.param_groups(model, weight_decay,
+                               adapted=lambda k, p: p.ndim > 1 or (".downsample." in k and k.endswith(".weight")))
 
 
 def train_one_epoch(model, loader, optimizer, scaler, lr_at, run, args, ctx):

@@ -121,18 +121,12 @@ INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.Interpola
 
 
 def eval_transform(args):
-    """The evaluation images (kNN, fast probe, test set): common.eval_transform unless --eval-resize N or
-    --interpolation bilinear, then resize to N (default: as common's, the image size, or size/0.875 on
-    ImageNet-size data) and centre-crop --image-size. DSSL's CIFAR code: 36 (int(32 x 8/7)) then 32."""
-    resize, interpolation = getattr(args, "eval_resize", None), getattr(args, "interpolation", "bicubic")
-    if resize is None and interpolation == "bicubic":
-        return common.eval_transform(args.data, args.image_size)
-    if resize is None:
-        resize = int(round(args.image_size / 0.875)) if args.data in common.LARGE_DATA else args.image_size
-    if resize < args.image_size:
+    """The evaluation images (kNN, fast probe, test set): common.eval_transform with --eval-resize N
+    (DSSL's CIFAR code: 36, int(32 x 8/7), then the 32 px centre crop) and --interpolation."""
+    resize = getattr(args, "eval_resize", None)
+    if resize is not None and resize < args.image_size:
         common.fail(f"--eval-resize {resize} is smaller than the centre crop, --image-size {args.image_size}", common.USAGE)
-    return T.Compose([T.Resize(resize, interpolation=INTERPOLATION[interpolation]), T.CenterCrop(args.image_size),
-                      common.to_tensor])
+    return common.eval_transform(args.data, args.image_size, resize, INTERPOLATION[getattr(args, "interpolation", "bicubic")])
 
 
 def load_head(model_state, where):
@@ -240,7 +234,6 @@ def linear_probe(train_f, train_y, test_f, test_y, classes, epochs=100, lr=0.1, 
         return 100.0 * correct / max(1, len(test_f))
 
     for epoch in range(epochs):
-        common.set_lr(opt, linear_lr(epoch, epochs, lr, schedule, milestones, final_ratio))
         perm = torch.randperm(n, generator=g)  # the global order, the same on every process
         if sharded:  # this process's rows of each global batch (on the CPU: no GPU sync)
             mine = (perm >= lo) & (perm < lo + len(train_f))
@@ -249,8 +242,7 @@ def linear_probe(train_f, train_y, test_f, test_y, classes, epochs=100, lr=0.1, 
         else:
             batches = perm.to(train_f.device).split(batch_size)
         for s, idx in enumerate(batches):
-            if schedule == "cosine-iter":
-                common.set_lr(opt, linear_lr(epoch, epochs, lr, schedule, milestones, final_ratio, s, steps))
+            common.set_lr(opt, linear_lr(epoch, epochs, lr, schedule, milestones, final_ratio, s, steps))
             logits = head((train_f[idx] - mean) / std)
             # The mean over the GLOBAL batch: each process adds its rows' share.
             loss = F.cross_entropy(logits, train_y[idx], reduction="sum") / min(batch_size, n - s * batch_size)
@@ -325,13 +317,9 @@ def linear_with_aug(backbone, dim, train_set, test_f, test_y, classes, args, ctx
     backbone.eval()
     for epoch in range(args.linear_epochs):
         loader.sampler.set_epoch(epoch)
-        common.set_lr(opt, linear_lr(epoch, args.linear_epochs, args.linear_lr, args.linear_schedule, args.linear_milestones,
-                                     final_ratio))
-        steps = len(loader)
-        for s, (x, y) in enumerate(loader):
-            if args.linear_schedule == "cosine-iter":
-                common.set_lr(opt, linear_lr(epoch, args.linear_epochs, args.linear_lr, args.linear_schedule,
-                                             args.linear_milestones, final_ratio, s, steps))
+        for s, (x, y) in enumerate(loader):  # the rate of step s (per epoch unless --linear-schedule cosine-iter)
+            common.set_lr(opt, linear_lr(epoch, args.linear_epochs, args.linear_lr, args.linear_schedule,
+                                         args.linear_milestones, final_ratio, s, len(loader)))
             with torch.no_grad(), ctx.autocast():
                 h = backbone(common.normalize_on_device(x, ctx, args.data))
             loss = F.cross_entropy(ddp_head(h.float()), y.to(ctx.device))

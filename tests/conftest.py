@@ -137,3 +137,20 @@ def make_run(args, ctx, model, optimizer, scaler, batches, out):
     args = argparse.Namespace(**dict(vars(args), out=str(out), resume="none", knn_every=0))
     loader = ListLoader(batches)
     return common.Run(args, ctx, model, optimizer, scaler, loader), loader
+
+
+def probe_crop(monkeypatch, args, ctx):
+    """The RandomResizedCrop that evaluate.linear_with_aug builds for `args` (training stops at the loader)."""
+    import common
+    import evaluate
+    import torch.nn as nn
+    seen = {}
+
+    def capture(ds, transform, *rest, **kw):
+        seen["crop"] = transform.transforms[0]
+        raise StopIteration
+
+    monkeypatch.setattr(common, "train_loader", capture)
+    with pytest.raises(StopIteration):
+        evaluate.linear_with_aug(nn.Identity(), 3, None, None, None, 10, args, ctx)
+    return seen["crop"]

@@ -17,7 +17,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import common
 import evaluate
-from conftest import error_line
+from conftest import error_line, probe_crop
 
 CPU = common.Context(0, 1, 0, torch.device("cpu"), None)
 BASE = ["--random-init", "--arch", "resnet_small", "--data", "synthetic"]
@@ -96,19 +96,9 @@ def test_interpolation_bilinear_reaches_eval_resize_and_probe_crops(monkeypatch)
     tf = evaluate.eval_transform(args)
     resize = [t for t in tf.transforms if isinstance(t, T.Resize)][0]
     assert resize.interpolation == T.InterpolationMode.BILINEAR and resize.size == round(48 / 0.875)
-    seen = {}
-
-    def capture(ds, transform, *rest, **kw):
-        seen["crop"] = transform.transforms[0]
-        raise StopIteration
-
-    monkeypatch.setattr(common, "train_loader", capture)
-    with pytest.raises(StopIteration):
-        evaluate.linear_with_aug(nn.Identity(), 3, None, None, None, 10, args, CPU)
-    assert isinstance(seen["crop"], T.RandomResizedCrop) and seen["crop"].interpolation == T.InterpolationMode.BILINEAR
-    with pytest.raises(StopIteration):  # default: bicubic, as before
-        evaluate.linear_with_aug(nn.Identity(), 3, None, None, None, 10, args_for("--linear-aug"), CPU)
-    assert seen["crop"].interpolation == T.InterpolationMode.BICUBIC
+    crop = probe_crop(monkeypatch, args, CPU)
+    assert isinstance(crop, T.RandomResizedCrop) and crop.interpolation == T.InterpolationMode.BILINEAR
+    assert probe_crop(monkeypatch, args_for("--linear-aug"), CPU).interpolation == T.InterpolationMode.BICUBIC  # default
 
 
 def test_impossible_values_one_line(capsys):

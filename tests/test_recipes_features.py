@@ -15,7 +15,7 @@ import aag
 import common
 import evaluate
 import simclr
-from conftest import error_line, run
+from conftest import error_line, probe_crop, run
 
 SMOKE = ["--data", "synthetic", "--workers", "0", "--subset", "64", "--batch-size", "32", "--log-every", "1"]
 
@@ -305,15 +305,7 @@ def test_linear_crop_scale_reaches_the_probe(monkeypatch, ctx, capsys):
     assert tuple(evaluate.get_args(["--random-init", "--arch", "resnet_small", "--data", "synthetic"]).linear_crop_scale) == (0.08, 1.0)
     args = evaluate.get_args(["--random-init", "--arch", "resnet_small", "--data", "synthetic", "--linear-aug",
                               "--linear-crop-scale", "0.8", "1", "--image-size", "32"])
-    seen = {}
-
-    def capture(ds, transform, *rest, **kw):
-        seen["crop"] = transform.transforms[0]
-        raise StopIteration
-
-    monkeypatch.setattr(common, "train_loader", capture)
-    with pytest.raises(StopIteration):
-        evaluate.linear_with_aug(nn.Identity(), 3, None, None, None, 10, args, ctx)
-    assert isinstance(seen["crop"], T.RandomResizedCrop) and tuple(seen["crop"].scale) == (0.8, 1.0)
+    crop = probe_crop(monkeypatch, args, ctx)
+    assert isinstance(crop, T.RandomResizedCrop) and tuple(crop.scale) == (0.8, 1.0)
     error_line(capsys, lambda: evaluate.get_args(["--random-init", "--arch", "resnet_small", "--data", "synthetic",
                                                   "--linear-crop-scale", "0.9", "0.2"]), common.USAGE)
