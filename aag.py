@@ -143,8 +143,6 @@ def get_args(argv=None):
     args = common.apply_recipe(args, "aag", recipe)
     if args.warmup_epochs is None:  # Fig. 3: "for batch sizes more than 256, we warm up the learning rate for 10 epochs"
         args.warmup_epochs = 10 if args.batch_size > 256 else 0
-    if args.batch_size < 2:
-        common.fail(f"--batch-size {args.batch_size} leaves GNT-Xent without negatives; use at least 2", common.USAGE)
     if args.milestones is None:  # ISIF's adjust_learning_rate within 200 epochs: x0.1 at 120, x0.05 at 160
         args.milestones = [120, 160]
         if args.milestone_factors is None:

@@ -43,6 +43,8 @@ import argparse
 import json
 import math
 import os
+import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -68,7 +70,7 @@ def get_args(argv=None):
     parser.add_argument("--workers", type=common.nonneg_int, default=common.default_workers(),
                         help="data loader processes (default: this process's share of the cores it may use)")
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="mixed precision for feature extraction")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=common.seed, default=0)
     parser.add_argument("--features", default="backbone", choices=("backbone", "embedding"),
                         help="evaluate h = f(x) (default; SimCLR Sec. 4.2) or the head's output g(h), read from last.pt "
                              "(AAG's kNN: 'low-dim features of the last layer')")
@@ -107,6 +109,10 @@ def get_args(argv=None):
     args = parser.parse_args(argv)
     if args.random_init == bool(args.ckpt):
         common.fail("give either --ckpt PATH or --random-init", common.USAGE)
+    if args.ckpt and os.path.isdir(args.ckpt):
+        common.fail(f"--ckpt {args.ckpt} is a folder, not a checkpoint file; pass its last.pt or backbone.pt", common.USAGE)
+    if args.json and not os.path.isdir(folder := os.path.dirname(os.path.abspath(args.json))):
+        common.fail(f"--json {args.json}: the folder {folder} does not exist", common.USAGE)
     if args.features == "embedding" and args.random_init:
         common.fail("--features embedding reads the head from a last.pt; a --random-init network has none", common.USAGE)
     lo, hi = args.linear_crop_scale
@@ -182,7 +188,11 @@ def load_backbone(args):
             beside = os.path.join(os.path.dirname(args.ckpt), "args.json")
             if os.path.isfile(beside):
                 with open(beside) as f:
-                    saved = json.load(f)
+                    try:
+                        saved = json.load(f)
+                    except ValueError as e:  # not JSON, or not text
+                        common.fail(f"{beside}, the settings of {args.ckpt}, is not valid JSON ({e}); repair it, "
+                                    "or delete it and pass --data and --arch")
     for name, default in (("data", None), ("arch", None), ("image_size", None), ("data_dir", "./data")):
         if getattr(args, name) is None:
             setattr(args, name, saved.get(name, default))
@@ -365,6 +375,7 @@ def main(argv=None):
         results["knn_top1"] = common.knn_top1(train_f, train_y, test_f, test_y, classes, args.knn_k, args.knn_t, ctx=ctx)
     history = [] if args.linear_report == "best" else None
     if args.linear and args.linear_aug:
+        common.install_error_hook(args, ctx.world, ctx.amp_dtype, "linear_batch_size")  # the probe's batch
         results["linear_top1"] = linear_with_aug(backbone, dim, train_set, test_f, test_y, classes, args, ctx, history)
     elif args.linear:
         results["linear_top1"], _ = linear_probe(
@@ -384,12 +395,21 @@ def main(argv=None):
             print(f"linear_report=best: epoch {best + 1} of {len(history)}, {history[best]:.2f} "
                   f"(last epoch {history[-1]:.2f}; selected on the test set, optimistic)", flush=True)
     if ctx.main:
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
         print(" ".join(f"{k}={results[k]:.2f}" if k in results else f"{k}=-" for k in ("knn_top1", "linear_top1")), flush=True)
+        if args.json:
+            try:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=2)
+            except OSError as e:
+                common.fail(f"could not write --json {args.json} ({e.strerror or e}); the results are the line above")
     common.teardown()
 
 
+def interrupted(signum, frame):  # Ctrl-C: nothing to save; at once, wherever it lands (a loader, a __del__)
+    print("error: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, interrupted)
     main()

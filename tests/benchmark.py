@@ -18,8 +18,11 @@ end and of the compute alone, the share of wall time spent waiting for data,
 seconds per CIFAR-10 epoch at the end-to-end rate (50,000 images), peak GPU
 memory (or the training process's peak RSS on the CPU, loader workers not
 included), and the cost per image relative to SimCLR's (compute alone) next to
-the ratio expected from the pixels each method encodes per image (views x
-pixels per view, as the loader delivers them).
+two predictions of it: from passes (each backbone pass of the compute alone
+counted by a hook, its pixels x 3 when back-propagated, forward 1 + backward 2,
+x 1 when only forwarded: keys, targets, teachers) and from pixels (views x
+pixels per view, as the loader delivers them), both over SimCLR's two
+back-propagated full-size views.
 
 `loader` times each method's ImageNet view recipe (its own Views class at
 224 px, JPEG decoding included) on one core over generated 500x375 JPEGs
@@ -30,9 +33,10 @@ makes of an ImageNet epoch (1.28M images) on 64 loader workers.
 under torch.cuda.set_sync_debug_mode("warn") (a sync inside the loop outside the
 log step fails; fp16's GradScaler.step has one by design), checks finite losses,
 the loss scaler not skipping every step, a resume from the checkpoint written
-under AMP, SyncBN and nccl under torchrun on 2+ GPUs, and prints the `methods`
-table at each recipe's batch size. Without CUDA it says so and runs the bf16
-autocast checks on the CPU.
+under AMP, SyncBN and nccl under torchrun on 2+ GPUs, and prints SimCLR's
+compute-alone rate in NCHW and in channels-last (which layout to default to)
+and the `methods` table at each recipe's batch size. Without CUDA it says so
+and runs the bf16 autocast checks on the CPU.
 """
 import argparse
 import contextlib
@@ -165,6 +169,7 @@ class Record:
         self.wait = self.wall = 0.0
         self.window_start = None
         self.first_batch = None
+        self.passes = 0            # pass-weighted pixels through the backbones (count_passes)
         self.step0 = None          # the loop's step counter when the current call began
         self.owner = []            # per caught warning: the loop step it belongs to, None outside the loop
         self.ctx = self.args = None
@@ -257,23 +262,35 @@ def close_window(r):
 def set_aside(run, stop_at):
     """A pass of the loop that the Run does not keep: inside, run.stop_at is
     `stop_at`; afterwards the Run's step, stop point, stop state and epoch sums
-    (loss and z-std, steps, optimizer steps) are back as they were, and its
-    clocks (the epoch's images/s, the progress line's rate and ETA) leave the
-    pass's time out. What the pass trained (weights, optimizer and scaler
-    state) stays trained."""
+    (loss and z-std, steps, optimizer steps) and non-finite count are back as
+    they were, and its clock (the epoch's images/s, the progress line's rate
+    and ETA) leaves the pass's time out. What the pass trained (weights,
+    optimizer and scaler state) stays trained."""
     saved = dict(step=run.step, stop_at=run.stop_at, stopped=run.stopped, sums=run.sums.clone(), n=run.n,
-                 optimizer_steps=run.optimizer_steps)
-    nonfinite, t0 = run.stop.nonfinite, time.perf_counter()
+                 optimizer_steps=run.optimizer_steps, nonfinite=run.nonfinite)
+    t0 = time.perf_counter()
     run.stop_at = stop_at
     try:
         yield
     finally:
         for name, value in saved.items():
             setattr(run, name, value)
-        run.stop.nonfinite = nonfinite
-        elapsed = time.perf_counter() - t0
-        run.t0 += elapsed
-        run.progress.t0 += elapsed
+        run.t0 += time.perf_counter() - t0
+
+
+def count_passes(model, record):
+    """Forward pre-hooks on every backbone of `model` (the trained encoder and its
+    momentum or EMA copies) that add each pass's pixels to record.passes, weighed
+    by what the pass costs: 3 when it is back-propagated (forward 1, backward 2),
+    1 when it is only forwarded (keys, targets, teachers). Returns the hooks."""
+    kind = type(common.unwrap(model).backbone)
+
+    def hook(module, inputs):
+        x = inputs[0]
+        trained = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+        record.passes += x.shape[0] * x.shape[-2] * x.shape[-1] * (3 if trained else 1)
+
+    return [m.register_forward_pre_hook(hook) for m in model.modules() if type(m) is kind]
 
 
 def instrument(original, record, compute=None):
@@ -281,7 +298,8 @@ def instrument(original, record, compute=None):
     with its loader timed. Before the first real step, `compute` (a Record)
     times the same function on the first batch, already on the device,
     repeated n times (run.stop_at at run.step + n): before the loader's workers
-    start, so that they do not compete with it for the cores. The Run is then
+    start, so that they do not compete with it for the cores; count_passes
+    weighs the backbone passes of that pass (compute.passes). The Run is then
     put back (set_aside): the real steps are numbered, logged and counted as
     if that pass had not happened."""
 
@@ -290,10 +308,14 @@ def instrument(original, record, compute=None):
             compute.ctx, compute.args, compute.step0 = ctx, args, run.step
             n = compute.warmup + compute.steps
             compute.first_batch = on_device(first_batch(loader), ctx.device)
+            hooks = count_passes(model, compute)
             with set_aside(run, stop_at=run.step + n):
                 original(model, TimedLoader(Repeat(compute.first_batch, n, loader), compute), optimizer, scaler,
                          lr_at, run, args, ctx)
                 close_window(compute)
+            for h in hooks:
+                h.remove()
+            compute.passes /= n * len(compute.first_batch[1])  # per image: the batch's labels count its images
         record.ctx, record.args, record.step0 = ctx, args, run.step
         out = original(model, TimedLoader(loader, record), optimizer, scaler, lr_at, run, args, ctx)
         close_window(record)
@@ -359,7 +381,7 @@ def run_method(key, flags, out, record, compute=None):
 # ---------------------------------------------------------------------------
 
 HEADER = ("| method | views x pixels per image | images/s end to end | images/s compute alone | data wait | "
-          "s per CIFAR-10 epoch | peak memory | cost vs SimCLR | expected (pixels) |")
+          "s per CIFAR-10 epoch | peak memory | cost vs SimCLR | expected (passes) | expected (pixels) |")
 
 
 def pixels_per_image(batch):
@@ -388,29 +410,31 @@ def measure(key, opts):
     ips = record.measured * args.batch_size / record.wall
     compute_ips = compute.measured * args.batch_size / compute.wall
     return dict(key=key, name=METHODS[key][0], batch_size=args.batch_size, arch=args.arch, image_size=args.image_size,
-                views=len(pixels), pixels=sum(pixels), images_per_s=ips, compute_images_per_s=compute_ips,
+                views=len(pixels), pixels=sum(pixels), passes=compute.passes, images_per_s=ips,
+                compute_images_per_s=compute_ips,
                 wait_share=record.wait / record.wall, epoch_s=CIFAR10_TRAIN / ips, peak_bytes=peak,
                 amp=str(record.ctx.amp_dtype).replace("torch.", "") if record.ctx.amp_dtype else "off",
                 device=str(record.ctx.device), workers=args.workers)
 
 
 def row(r, simclr_row):
-    base_pixels = 2 * r["image_size"] ** 2  # SimCLR: two views at the full size
+    base_pixels = 2 * r["image_size"] ** 2  # SimCLR: two views at the full size, both back-propagated (3 per pixel)
     cost = f"{simclr_row['compute_images_per_s'] / r['compute_images_per_s']:.2f}" if simclr_row else "-"
     memory = f"{r['peak_bytes'] / 2**30:.2f} GiB" + ("" if r["device"].startswith("cuda") else " RSS")
     return (f"| {r['name']} (B={r['batch_size']}) | {r['views']} x {r['pixels'] // r['views']} | {r['images_per_s']:.0f} | "
             f"{r['compute_images_per_s']:.0f} | {r['wait_share']:.2f} | {r['epoch_s']:.1f} | {memory} | {cost} | "
-            f"{r['pixels'] / base_pixels:.2f} |")
+            f"{r['passes'] / (3 * base_pixels):.2f} | {r['pixels'] / base_pixels:.2f} |")
 
 
 def parse_row(line):
     """A table row of `methods` as a dict of numbers (the inverse of row(); used by the tests)."""
     cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    name, views, ips, compute, wait, epoch_s, memory, cost, expected = cells
+    name, views, ips, compute, wait, epoch_s, memory, cost, passes, pixels = cells
     n_views, per_view = (int(v) for v in views.split(" x "))
     return dict(name=name, views=n_views, pixels_per_view=per_view, images_per_s=float(ips),
                 compute_images_per_s=float(compute), wait_share=float(wait), epoch_s=float(epoch_s),
-                peak_gib=float(memory.split()[0]), cost=None if cost == "-" else float(cost), expected=float(expected))
+                peak_gib=float(memory.split()[0]), cost=None if cost == "-" else float(cost),
+                expected_passes=float(passes), expected_pixels=float(pixels))
 
 
 def measure_apart(key, opts):
@@ -444,6 +468,17 @@ def bench_methods(opts):
         results.append(r)
         print(row(r, simclr_row), flush=True)
     return results
+
+
+def compare_layouts(opts):
+    """SimCLR's compute-alone rate in NCHW and in channels-last (each in a process of its own),
+    the rest as `opts`: the figures that decide the scripts' default memory layout."""
+    rates = [measure_apart("simclr", argparse.Namespace(**{**vars(opts), "channels_last": cl})) for cl in (False, True)]
+    nchw, nhwc = (r["compute_images_per_s"] for r in rates)
+    r = rates[0]
+    print(f"layout: SimCLR compute alone on {r['device']} ({r['arch']}, B={r['batch_size']}, amp {r['amp']}): "
+          f"NCHW {nchw:.0f} images/s, channels-last {nhwc:.0f} images/s ({nhwc / nchw:.2f}x)", flush=True)
+    return nchw, nhwc
 
 
 # ---------------------------------------------------------------------------
@@ -566,6 +601,7 @@ def gpu_check(opts):
     if cuda and not opts.no_table:
         table = argparse.Namespace(**{**vars(opts), "batch_size": None, "amp": "auto", "channels_last": True})
         try:
+            compare_layouts(table)
             bench_methods(table)
         except (Exception, SystemExit) as e:
             check(False, f"the methods table failed: {type(e).__name__}: {str(e)[-300:]}")

@@ -129,6 +129,16 @@ class ListLoader(list):
         return 0.0
 
 
+def progress_line(step, seconds, stop_at, batch, loader=ListLoader(), lr=0.1, loss=1.0, z_std=0.088):
+    """common.Run's progress line after `step` steps in `seconds`, without a run around it."""
+    import time
+    import common
+    run = argparse.Namespace(step=step, first_step=0, t0=time.perf_counter() - seconds, stop_at=stop_at, epoch=0,
+                             args=argparse.Namespace(batch_size=batch, epochs=1), loader=loader,
+                             optimizer=argparse.Namespace(param_groups=[dict(lr=lr)]))
+    return common.Run.progress_line(run, loss, z_std)
+
+
 def make_run(args, ctx, model, optimizer, scaler, batches, out):
     """A common.Run over `batches` (a list of loader batches) for calling a method's
     train_one_epoch directly: from step 0, writing to `out`, no kNN monitor, no

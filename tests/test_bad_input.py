@@ -2,13 +2,19 @@
 traceback, and exit code 2 for a wrong command line or 1 for something found
 wrong while running: missing data, unreadable or mismatched checkpoints."""
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from conftest import run
+import common
+import evaluate
+from conftest import ENV, ROOT, error_line, labelled_tree, run
 
 TRAIN = ["simclr.py", "--data", "synthetic", "--arch", "resnet_small", "--workers", "0",
          "--batch-size", "8", "--subset", "64", "--knn-every", "0", "--log-every", "1"]
@@ -166,3 +172,98 @@ def test_evaluate_usage_errors_say_what_is_needed(outcomes):
     assert "--arch" in message(outcomes["eval_random_init_no_arch"])
     text = message(outcomes["eval_bare_backbone"])
     assert ("--data" in text or "--arch" in text) and "need" in text, text
+
+
+# ---------------------------------------------------------------------------
+# evaluate.py: its files, Ctrl-C, out of memory; folder data sets: odd files
+# ---------------------------------------------------------------------------
+
+RANDOM = ["--random-init", "--arch", "resnet_small", "--data", "synthetic", "--subset", "64", "--workers", "0"]
+
+
+def test_a_broken_args_json_beside_backbone_pt_is_named(tmp_path, capsys):
+    """A torn args.json (a killed write): one line naming it and the JSON error, not a JSONDecodeError traceback."""
+    torch.save(common.resnet("resnet_small", 32)[0].state_dict(), tmp_path / "backbone.pt")
+    (tmp_path / "args.json").write_text('{"data": "synthetic", "arch": "resnet_sm')
+    ckpt = str(tmp_path / "backbone.pt")
+    line = error_line(capsys, lambda: evaluate.load_backbone(evaluate.get_args(["--ckpt", ckpt])), common.RUNTIME)
+    assert line == (f"error: {tmp_path / 'args.json'}, the settings of {ckpt}, is not valid JSON (Unterminated string "
+                    "starting at: line 1 column 31 (char 30)); repair it, or delete it and pass --data and --arch")
+
+
+def test_a_ckpt_folder_and_a_json_in_a_missing_folder_are_refused_before_any_work(tmp_path, capsys):
+    line = error_line(capsys, lambda: evaluate.get_args(["--ckpt", str(tmp_path)]), common.USAGE)
+    assert line == f"error: --ckpt {tmp_path} is a folder, not a checkpoint file; pass its last.pt or backbone.pt"
+    json_path = tmp_path / "nowhere" / "r.json"
+    line = error_line(capsys, lambda: evaluate.get_args([*RANDOM, "--json", str(json_path)]), common.USAGE)
+    assert line == f"error: --json {json_path}: the folder {tmp_path / 'nowhere'} does not exist"
+
+
+def test_the_results_line_comes_before_a_json_that_cannot_be_written(tmp_path, capsys, keep_rng):
+    """--json naming a folder passes the command line; the write fails after the results are printed."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([*RANDOM, "--no-linear", "--json", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert e.value.code == common.RUNTIME and out.splitlines()[-1].startswith("knn_top1=")
+    assert err == f"error: could not write --json {tmp_path} (Is a directory); the results are the line above\n"
+
+
+def test_out_of_memory_in_the_augmented_probe_names_linear_batch_size(capsys, monkeypatch, keep_rng):
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # restored after: main installs the hook
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(evaluate, "linear_with_aug", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        evaluate.main([*RANDOM, "--no-knn", "--linear-aug", "--linear-batch-size", "512"])
+    capsys.readouterr()
+    sys.excepthook(e.type, e.value, e.tb)
+    assert capsys.readouterr().err == (
+        "error: CUDA out of memory at 512 images per GPU (--linear-batch-size 512 over 1 process(es)), --amp off: lower "
+        "--linear-batch-size, or use --amp bf16 (fp16 before Ampere); more GPUs keep the global batch at a smaller "
+        "per-GPU share (README: memory per GPU)\n")
+
+
+def test_ctrl_c_in_evaluate_ends_in_one_line_with_exit_130():
+    """SIGINT to the whole process group (as a terminal sends it, loader worker included) once the probe runs."""
+    proc = subprocess.Popen([sys.executable, "evaluate.py", *RANDOM, "--workers", "1", "--no-knn", "--linear-aug",
+                             "--linear-epochs", "100000", "--linear-batch-size", "32"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = proc.stdout.readline()
+    if first.startswith("linear epoch 1/"):
+        os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert first.startswith("linear epoch 1/"), err
+    assert proc.returncode == 130 and err == "error: interrupted\n", err
+    assert "Traceback" not in out
+
+
+def test_only_regular_files_are_images_and_a_broken_link_fails_when_read(tmp_path):
+    """A named pipe called like an image (opening it blocks) is skipped as a text file is, in --data folder and in
+    ImageNet's class folders; a broken link stays listed, so reading it ends in the unreadable-image line."""
+    root = labelled_tree(tmp_path)
+    os.mkfifo(tmp_path / "train" / "cat" / "004.png")
+    os.mkfifo(tmp_path / "val" / "dog" / "zz.JPEG")
+    os.symlink(tmp_path / "gone.png", tmp_path / "train" / "dog" / "gone.png")
+    train = common.dataset("folder", root, True)
+    assert [os.path.relpath(p, tmp_path) for p, _ in train.samples] == (
+        [f"train/cat/00{i}.png" for i in range(4)] + [f"train/dog/00{i}.png" for i in range(4)] + ["train/dog/gone.png"])
+    assert [os.path.basename(p) for p, _ in common.dataset("imagenet", root, False).samples] == ["000.png", "001.png"] * 2
+    with pytest.raises(common.BadImageError, match="gone.png is not a readable image"):
+        train[8]
+
+
+def test_a_link_back_into_the_tree_is_not_followed(tmp_path):
+    """train/cat/loop -> train: the 8 images once each, labels kept (followed: 329 images, no labels)."""
+    root = labelled_tree(tmp_path)
+    os.symlink(tmp_path / "train", tmp_path / "train" / "cat" / "loop")
+    train = common.dataset("folder", root, True)
+    assert train.classes == ["cat", "dog"] and [y for _, y in train.samples] == [0] * 4 + [1] * 4
+
+
+def test_a_data_dir_that_is_a_file_says_so(tmp_path, capsys):
+    path = tmp_path / "data.tar"
+    path.write_bytes(b"x")
+    line = error_line(capsys, lambda: common.dataset("folder", str(path), True), common.USAGE)
+    assert line == f"error: --data-dir {path} is a file, not a folder; pass the folder that holds the data"

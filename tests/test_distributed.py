@@ -241,7 +241,7 @@ def test_sampler_seeds_independent_of_world_size():
     assert all(e0[i] != e1[i] for i in set(e0) & set(e1))
 
 
-@pytest.mark.parametrize("n,batch,world", [(50, 9, 2), (50, 6, 4), (5, 8, 1), (7, 8, 2)])
+@pytest.mark.parametrize("n,batch,world", [(50, 9, 2), (50, 6, 4), (5, 8, 1), (7, 8, 2), (50, 2, 2)])
 def test_sampler_rejects_bad_batch(n, batch, world, capsys):
     """A global batch not divisible by the world size, or larger than the data
     set, ends the program with exit code 2 (a usage error) and one message."""

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import common
 import simclr
-from conftest import error_line, labelled_tree, run, torchrun
+from conftest import ListLoader, error_line, labelled_tree, run, torchrun
 
 
 def digest(folder):
@@ -85,15 +85,22 @@ def test_a_broken_image_in_a_folder_ends_in_one_line_and_keeps_the_checkpoint(tm
 @pytest.mark.parametrize("flag, value", [
     ("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--workers", "-1"), ("--weight-decay", "-0.1"),
     ("--warmup-epochs", "-1"), ("--epochs", "0"), ("--batch-size", "-4"), ("--knn-every", "-1"),
-    ("--log-every", "0"), ("--subset", "0"), ("--image-size", "x"), ("--lr", "inf"),
+    ("--log-every", "0"), ("--subset", "0"), ("--image-size", "x"), ("--lr", "inf"), ("--seed", "-1"),
+    ("--seed", "99999999999999"),
 ])
 def test_impossible_shared_numbers_are_refused(capsys, flag, value):
     assert flag in error_line(capsys, lambda: simclr.get_args([flag, value]), common.USAGE)
 
 
 def test_possible_edge_numbers_are_accepted():
-    args = simclr.get_args(["--workers", "0", "--weight-decay", "0", "--warmup-epochs", "0", "--knn-every", "0"])
+    args = simclr.get_args(["--workers", "0", "--weight-decay", "0", "--warmup-epochs", "0", "--knn-every", "0",
+                            "--seed", "2147483647"])
     assert (args.workers, args.weight_decay, args.warmup_epochs, args.knn_every) == (0, 0.0, 0.0, 0)
+    # The largest seed still seeds every sample of a million-image epoch (seeds wrap at 2^63).
+    sampler = common.TrainSampler(1_000_000, 2, seed=args.seed)
+    sampler.set_epoch(999)
+    i, seed = next(iter(sampler))
+    assert seed > 2**64 and common.SeededViews([(None, 0)] * 1_000_000, lambda img: torch.rand(1))[(0, seed)]
 
 
 # ---------------------------------------------------------------------------
@@ -218,26 +225,41 @@ def test_no_process_group_thread_outlives_main_under_torchrun(tmp_path, module, 
 # Signals and the wrong checkpoint
 # ---------------------------------------------------------------------------
 
-def test_a_second_signal_exits_130_in_one_line(capsys):
+class Steps(ListLoader):
+    sampler = argparse.Namespace(set_epoch=lambda *a, **k: None)
+
+
+def tiny_run(tmp_path, fp16=False):
+    """A common.Run over 4 steps of nothing, for its stop and loss checks."""
+    model = nn.Linear(2, 2)
+    args = argparse.Namespace(out=str(tmp_path), resume="none", method="simclr", arch="resnet_small", data="synthetic",
+                              batch_size=2, epochs=1, max_steps=None, log_every=1, knn_every=0)
+    scaler = torch.amp.GradScaler("cpu", enabled=fp16)
+    return common.Run(args, MAIN, model, torch.optim.SGD(model.parameters(), lr=0.1), scaler, Steps([None] * 4),
+                      knn_net=model)
+
+
+def test_a_second_signal_exits_130_in_one_line(tmp_path, capsys):
     import signal
-    stop = common.StopSignal(install=False)
-    stop._handle(signal.SIGINT, None)
-    assert stop.requested
+    run = tiny_run(tmp_path)
+    common._on_signal(run.requests, signal.SIGINT, None)
+    assert run.requests
     with pytest.raises(SystemExit) as e:
-        stop._handle(signal.SIGINT, None)
+        common._on_signal(run.requests, signal.SIGINT, None)
     assert e.value.code == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_stop_signal_installs_its_handler_only_when_asked():
+def test_stop_handlers_are_installed_when_the_epochs_begin(tmp_path):
     import signal
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        common.StopSignal(install=False)
+        run = tiny_run(tmp_path)
         assert {s: signal.getsignal(s) for s in old} == old
-        stop = common.StopSignal()
-        assert all(signal.getsignal(s) == stop._handle for s in old)
+        next(run.epochs())
+        for s in old:
+            assert signal.getsignal(s).func is common._on_signal and signal.getsignal(s).args == (run.requests,)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -290,7 +312,9 @@ def test_a_diverging_run_stops_in_one_line_and_keeps_the_last_good_checkpoint(tm
     import json
     record = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     assert record["skipped_steps"] == 0  # float32: no loss scaler, nothing skipped
-    proc = run([*flags, "--epochs", "30", "--lr", "1e30", "--warmup-epochs", "0"], check=False, threads=1)
+    # Other flags are another run (a resume refuses them): --resume none starts it over in the same --out.
+    proc = run([*flags, "--epochs", "30", "--lr", "1e30", "--warmup-epochs", "0", "--resume", "none"], check=False,
+               threads=1)
     assert proc.returncode == common.RUNTIME, proc.stderr[-2000:]
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: the loss is nan at step ")
     assert "--lr" in proc.stderr
@@ -299,35 +323,168 @@ def test_a_diverging_run_stops_in_one_line_and_keeps_the_last_good_checkpoint(tm
     assert "run.lock" not in after
 
 
-def test_fp16_tolerates_a_few_overflowing_steps(monkeypatch):
+def test_fp16_tolerates_a_few_overflowing_steps(tmp_path):
     """Under fp16 loss scaling a non-finite loss is stopped only after
     NONFINITE_PATIENCE log steps in a row; in float32 at once."""
-    class Scaler:
-        def __init__(self, on):
-            self.on = on
-
-        def is_enabled(self):
-            return self.on
-
-    ctx, stop = MAIN, common.StopSignal(install=False)
+    run = tiny_run(tmp_path, fp16=True)
     nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
-    for _ in range(common.StopSignal.NONFINITE_PATIENCE - 1):
-        stop.check_loss(ctx, nan, 10, 0.1, Scaler(True))  # tolerated: the scaler is still searching
-    assert stop.nonfinite == common.StopSignal.NONFINITE_PATIENCE - 1
-    stop.check_loss(ctx, one, 11, 0.1, Scaler(True))
-    assert stop.nonfinite == 0  # a finite loss resets the count
-    for _ in range(common.StopSignal.NONFINITE_PATIENCE - 1):
-        stop.check_loss(ctx, nan, 12, 0.1, Scaler(True))
+    for _ in range(common.Run.NONFINITE_PATIENCE - 1):
+        run.check_loss(nan)  # tolerated: the scaler is still searching
+    assert run.nonfinite == common.Run.NONFINITE_PATIENCE - 1
+    run.check_loss(one)
+    assert run.nonfinite == 0  # a finite loss resets the count
+    for _ in range(common.Run.NONFINITE_PATIENCE - 1):
+        run.check_loss(nan)
     with pytest.raises(SystemExit):
-        stop.check_loss(ctx, nan, 13, 0.1, Scaler(True))
-    stop.nonfinite = 0
+        run.check_loss(nan)
+    run = tiny_run(tmp_path / "fp32")
     with pytest.raises(SystemExit):
-        stop.check_loss(ctx, nan, 14, 0.1, Scaler(False))
+        run.check_loss(nan)
 
 
-def test_a_stop_request_is_seen_at_the_next_step_in_one_process():
+def test_a_stop_request_is_seen_at_the_next_step_in_one_process(tmp_path):
     import signal
-    stop = common.StopSignal(install=False)
-    assert stop.pending(MAIN) is False
-    stop._handle(signal.SIGTERM, None)
-    assert stop.pending(MAIN) is True
+    run, loss, z = tiny_run(tmp_path), torch.tensor(1.0), torch.randn(4, 8)
+    assert run.end_step(loss, z) is False and not run.stopped
+    common._on_signal(run.requests, signal.SIGTERM, None)
+    assert run.end_step(loss, z) is True and run.stopped and run.step == 2
+
+
+# ---------------------------------------------------------------------------
+# Round 2: a failing rank, torchrun's variables, degenerate batches, resume
+# that would change the run, a torn log, a killed loader worker
+# ---------------------------------------------------------------------------
+
+DIST = ["--data", "synthetic", "--arch", "resnet_small", "--workers", "0", "--batch-size", "8", "--subset", "64",
+        "--knn-every", "0", "--log-every", "1"]
+
+
+def dist_fault(tmp_path, fault, *flags):
+    """simclr.py under torchrun (2 gloo processes) with `fault` in rank 1 (tests/fault_dist_check.py);
+    returns the process and each rank's stderr, read from torchrun's --log-dir."""
+    logs = tmp_path / f"logs{len(list(tmp_path.glob('logs*')))}"
+    proc = torchrun(2, ["--log-dir", str(logs), "--redirects", "3", "tests/fault_dist_check.py", fault, "simclr", *DIST,
+                        "--out", str(tmp_path / "out"), *flags], check=False, threads=1)
+    return proc, ["".join(p.read_text() for p in logs.glob(f"*/attempt_0/{r}/stderr.log")) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("fault, line", [("fail-at-load", "rank one cannot read its data"),
+                                         ("fail-at-step", "rank one fails at step 2")])
+def test_a_failing_rank_ends_the_run_in_its_own_line_alone(tmp_path, fault, line):
+    """Rank 1 fails at the data barrier or during a DDP step: its line is the only one; rank 0,
+    blocked in a collective, leaves without a word (no gloo traceback)."""
+    proc, (err0, err1) = dist_fault(tmp_path, fault, "--epochs", "1")
+    assert proc.returncode != 0
+    assert (err0, err1) == ("", f"error: {line}\n")
+
+
+def test_a_killed_rank_is_reported_by_rank_0_and_the_run_resumes(tmp_path):
+    proc, _ = dist_fault(tmp_path, "none", "--epochs", "1")  # 8 steps: last.pt at step 8
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before = digest(tmp_path / "out")["last.pt"]
+    proc, (err0, err1) = dist_fault(tmp_path, "kill-at-step", "--epochs", "2")
+    assert proc.returncode != 0 and err1 == ""
+    assert err0.count("\n") == 1 and err0.startswith("error: another process of this run ended without an error")
+    assert digest(tmp_path / "out")["last.pt"] == before
+    proc, (err0, err1) = dist_fault(tmp_path, "none", "--epochs", "2")
+    assert proc.returncode == 0 and err0 == err1 == ""
+    assert torch.load(tmp_path / "out" / "last.pt", weights_only=True)["step"] == 16
+
+
+def test_a_command_line_error_under_torchrun_is_printed_once(tmp_path, monkeypatch, capsys):
+    proc, (err0, err1) = dist_fault(tmp_path, "none", "--batch-size", "7")
+    assert proc.returncode != 0 and err1 == ""  # torchrun exits 1 for any failed worker
+    assert err0 == "error: --batch-size 7 does not split into 2 equal shares of 2 images or more\n"
+    # Before the process group exists (argparse), rank 0 alone speaks too.
+    for rank, said in (("1", ""), ("0", "--tau")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            simclr.get_args(["--tau", "0"])
+        assert e.value.code == common.USAGE and said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, says", [
+    (dict(RANK="0", WORLD_SIZE="2"), "WORLD_SIZE=2 without MASTER_ADDR and MASTER_PORT"),
+    (dict(RANK="1", WORLD_SIZE="1"), "RANK=1 LOCAL_RANK=0 WORLD_SIZE=1 is not a process of a run"),
+    (dict(WORLD_SIZE="two"), "WORLD_SIZE=two is not a process of a run"),
+])
+def test_torchrun_variables_without_torchrun_end_in_one_line(monkeypatch, capsys, env, says):
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert says in error_line(capsys, lambda: common.setup(argparse.Namespace(seed=0)), common.RUNTIME)
+
+
+def test_a_process_started_by_hand_says_what_it_waits_for_and_stops_waiting(monkeypatch, capsys):
+    import socket
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(common, "PEER_WAIT", 2)
+    t = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        common.setup(argparse.Namespace(seed=0))
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == common.RUNTIME and time.perf_counter() - t < 60
+    assert err[0] == f"process 0 of 2: waiting up to 2 s for the others at 127.0.0.1:{port}"
+    assert len(err) == 2 and err[1].startswith("error: process 0 of 2 could not join the others")
+
+
+@pytest.mark.parametrize("script", ["simclr", "aag", "clsa", "ressl", "dssl"])
+def test_a_batch_of_one_is_refused_by_every_method_with_the_reason(capsys, script):
+    err = error_line(capsys, lambda: __import__(script).get_args(["--batch-size", "1"]), common.USAGE)
+    assert "--batch-size: must be at least 2: BatchNorm" in err
+
+
+def test_a_resume_that_would_change_the_run_is_refused(tmp_path):
+    """A run started at batch 16 resumed at batch 32: one line naming the flag; nothing in --out changes."""
+    flags = ["simclr.py", "--data", "synthetic", "--arch", "resnet_small", "--workers", "0", "--subset", "64",
+             "--knn-every", "0", "--epochs", "1", "--out", str(tmp_path)]
+    run([*flags, "--batch-size", "16"], threads=1)
+    before = digest(tmp_path)
+    proc = run([*flags, "--batch-size", "32", "--max-steps", "1"], check=False, threads=1)
+    assert proc.returncode == common.RUNTIME and proc.stderr.count("\n") == 1
+    assert "was trained with --batch-size 16 (now 32)" in proc.stderr and "max-steps" not in proc.stderr
+    assert digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("drop", ["args", "model", "optimizer"])
+def test_a_checkpoint_without_a_part_ends_in_one_line(tmp_path, capsys, drop):
+    model = nn.Linear(4, 128)
+    opt, scaler = torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False)
+    common.save_run(resume_args(tmp_path), model, model, opt, scaler, step=3, epoch=0)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    del ckpt[drop]
+    torch.save(ckpt, tmp_path / "last.pt")
+    err = error_line(capsys, lambda: common.resume(resume_args(tmp_path), model, opt, scaler), common.RUNTIME)
+    assert f"not a complete training checkpoint (no {drop})" in err
+
+
+def test_a_torn_log_line_does_not_swallow_the_next_record(tmp_path):
+    import json
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"epoch": 1}\n{"epoch": 2, "lo')  # killed while writing epoch 2
+    common.append_line(str(log), json.dumps({"epoch": 3}))
+    common.append_line(str(log), json.dumps({"epoch": 4}))
+    lines = log.read_text().splitlines()
+    assert lines == ['{"epoch": 1}', '{"epoch": 2, "lo', '{"epoch": 3}', '{"epoch": 4}']
+
+
+class Killed(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)  # what the out-of-memory killer does to a worker
+
+
+def test_a_killed_loader_worker_ends_in_one_line(capsys):
+    loader = torch.utils.data.DataLoader(Killed(), batch_size=2, num_workers=1)
+    err = error_line(capsys, lambda: list(common.fail_on_bad_images(loader)), common.RUNTIME)
+    assert "DataLoader worker" in err and "out-of-memory killer" in err and "--workers" in err

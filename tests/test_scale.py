@@ -11,7 +11,7 @@ import torch
 
 import common
 import evaluate
-from conftest import run, torchrun
+from conftest import progress_line, run, torchrun
 
 CHECK = "tests/scale_dist_check.py"
 TINY = ["--data", "synthetic", "--arch", "resnet_small", "--workers", "0", "--batch-size", "16", "--subset", "64",
@@ -86,10 +86,13 @@ def test_linear_aug_never_extracts_the_training_features(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """Two 2-step runs that differ only by --seed: same step, different weights."""
+    """A 2-step run (a) and a copy of it (c) with one weight changed: same flags, same step, other weights."""
     root = tmp_path_factory.mktemp("resume")
     run(["simclr.py", *TINY, "--max-steps", "2", "--out", str(root / "a")])
-    run(["simclr.py", *TINY, "--max-steps", "2", "--seed", "1", "--out", str(root / "c")])
+    shutil.copytree(root / "a", root / "c")
+    ckpt = torch.load(root / "c" / "last.pt", weights_only=True)
+    next(iter(ckpt["model"].values())).add_(1.0)
+    torch.save(ckpt, root / "c" / "last.pt")
     return root
 
 
@@ -163,9 +166,8 @@ def test_eta_shows_days_past_24_hours():
     assert common.duration(3 * 3600 + 4 * 60 + 5) == "03:04:05"
     assert common.duration(86400 + 3 * 3600 + 4 * 60 + 5) == "1d 03:04:05"
     assert common.duration(12 * 86400) == "12d 00:00:00"
-    progress = common.Progress(total_steps=10**6, start_step=0, global_batch=1)
-    progress.t0 -= 10  # 10 s for 1 step: 10^6 steps left take 115 days
-    assert re.search(r"eta 115d \d\d:\d\d:\d\d", progress.line(0, 1, 1, 0.0, 0.1))
+    # 10 s for 1 step: 10^6 steps left take 115 days
+    assert re.search(r"eta 115d \d\d:\d\d:\d\d", progress_line(1, 10.0, 10**6, 1))
 
 
 def test_cuda_out_of_memory_ends_in_one_line_with_the_batch_per_gpu():
