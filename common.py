@@ -651,8 +651,8 @@ def _number(kind, ok, rule):
     return parse
 
 positive_int = _number(int, lambda v: v >= 1, "at least 1")
-batch_size = _number(int, lambda v: v >= 2, "at least 2: BatchNorm and every loss here compare images within a batch")
-seed = _number(int, lambda v: 0 <= v < 2**31, "between 0 and 2147483647 (2^31 - 1)")
+batch_int = _number(int, lambda v: v >= 2, "at least 2: BatchNorm and every loss here compare images within a batch")
+seed_int = _number(int, lambda v: 0 <= v < 2**31, "between 0 and 2147483647 (2^31 - 1)")
 nonneg_int = _number(int, lambda v: v >= 0, "0 or more")
 positive_float = _number(float, lambda v: v > 0, "greater than 0")
 nonneg_float = _number(float, lambda v: v >= 0, "0 or more")
@@ -682,7 +682,7 @@ def add_base_args(parser):
     g = parser.add_argument_group("optimisation")
     g.add_argument("--arch", default=None, choices=ARCHS, help="backbone (default: the paper's)")
     g.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: the paper's)")
-    g.add_argument("--batch-size", type=batch_size, default=None, help="GLOBAL batch size, over all processes")
+    g.add_argument("--batch-size", type=batch_int, default=None, help="GLOBAL batch size, over all processes")
     g.add_argument("--lr", type=positive_float, default=None, help="base learning rate, scaled with the batch as the paper scales it")
     g.add_argument("--weight-decay", type=nonneg_float, default=None, help="weight decay (default: the paper's)")
     g.add_argument("--warmup-epochs", type=nonneg_float, default=None, help="linear warmup epochs before cosine decay")
@@ -696,7 +696,7 @@ def add_base_args(parser):
     g = parser.add_argument_group("run")
     g.add_argument("--out", default=None, help="output folder (default runs/<method>-<data>)")
     g.add_argument("--resume", default="auto", help="auto (continue from OUT/last.pt if present), none, or a checkpoint path")
-    g.add_argument("--seed", type=seed, default=0, help="random seed (offset by rank)")
+    g.add_argument("--seed", type=seed_int, default=0, help="random seed (offset by rank)")
     g.add_argument("--knn-every", type=nonneg_int, default=None, help="kNN monitor every N epochs, 0 = off (default 10; 0 on ImageNet/folder)")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps in all (smoke runs, benchmarks)")
     g.add_argument("--log-every", type=positive_int, default=50, help="progress line every N steps")
@@ -762,7 +762,7 @@ def setup(args):
              "WORLD_SIZE - 1): launch with torchrun, or unset them")
     rank, local_rank, world = (int(v) for v in env.values())
     where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-    if world > 1 and "None" in where:
+    if world > 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
         fail(f"WORLD_SIZE={world} without MASTER_ADDR and MASTER_PORT: launch with torchrun, or unset WORLD_SIZE")
     deterministic = getattr(args, "deterministic", False)
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -970,10 +970,11 @@ class TrainSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch, start_step=0): self.epoch, self.start_step = epoch, start_step
 
     def __iter__(self):
-        g = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**63)
+        epoch_seed = self.seed * 100_003 + self.epoch
+        g = torch.Generator().manual_seed(epoch_seed % 2**63)
         order = torch.randperm(self.n, generator=g)[: self.steps * self.batch].view(self.steps, self.batch)
         mine = order[self.start_step:, self.rank * self.local:(self.rank + 1) * self.local].reshape(-1)
-        base = (self.seed * 100_003 + self.epoch) * self.n
+        base = epoch_seed * self.n
         return iter([(i, base + i) for i in mine.tolist()])
 
     def __len__(self): return (self.steps - self.start_step) * self.local
@@ -1320,7 +1321,7 @@ def _peer_lost():
         said = dist.distributed_c10d._get_default_store().check(["said"])
     except Exception:  # the store went with rank 0, which speaks for itself
         said = True
-    if not said and os.environ.get("RANK") == "0":
+    if not said and dist.get_rank() == 0:
         print("error: another process of this run ended without an error of its own (killed, or out of memory); "
               "torchrun's report names it. The last checkpoint is intact: run the same command to resume",
               file=sys.stderr, flush=True)

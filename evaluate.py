@@ -70,7 +70,7 @@ def get_args(argv=None):
     parser.add_argument("--workers", type=common.nonneg_int, default=common.default_workers(),
                         help="data loader processes (default: this process's share of the cores it may use)")
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="mixed precision for feature extraction")
-    parser.add_argument("--seed", type=common.seed, default=0)
+    parser.add_argument("--seed", type=common.seed_int, default=0)
     parser.add_argument("--features", default="backbone", choices=("backbone", "embedding"),
                         help="evaluate h = f(x) (default; SimCLR Sec. 4.2) or the head's output g(h), read from last.pt "
                              "(AAG's kNN: 'low-dim features of the last layer')")
