@@ -905,9 +905,10 @@ def host_to_device(t, device):  # a small host tensor, copied without blocking t
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BN with training statistics per group of the batch (sample i in group i % splits),
-    as over `splits` GPUs (MoCo's CIFAR demo, ReSSL Sec. 4). nn.BatchNorm's parameters,
-    buffers and keys; plain BN in eval mode; running estimate: the groups' mean."""
+    """BN with training statistics per group of the batch (sample i in group i % splits), as over
+    `splits` GPUs (MoCo's CIFAR demo, ReSSL Sec. 4): one native BN over [n/splits, splits*c, ...].
+    nn.BatchNorm's parameters, buffers and keys; plain BN in eval mode; running estimate: the
+    groups' mean. Channels-last input costs a copy each way (NHWC memory keeps c innermost)."""
 
     def __init__(self, bn, splits):
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
@@ -924,21 +925,19 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         if n % s:
             raise ValueError(f"a batch of {n} does not split into {s} BN groups")
-        # [n, c, ...] viewed as [n/s, s, c, ...]: a view in NCHW and channels-last alike, so no copy.
-        xg = x.view(n // s, s, *x.shape[1:])
-        shape = (1, s, c) + (1,) * (x.dim() - 2)
-        var, mean = torch.var_mean(xg.float(), dim=(0, *range(3, xg.dim())), unbiased=False)  # [s, c], float32
-        out = (xg - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            out = out * self.weight.view(1, 1, c, *shape[3:]) + self.bias.view(1, 1, c, *shape[3:])
+        momentum, stats = self.momentum, (None, None)
+        if self.track_running_stats:
+            self.num_batches_tracked += 1
+            momentum = 1.0 / float(self.num_batches_tracked) if momentum is None else momentum
+            stats = (self.running_mean.repeat(s), self.running_var.repeat(s))  # updated in place by F.batch_norm
+        weight, bias = (self.weight.repeat(s), self.bias.repeat(s)) if self.affine else (None, None)
+        out = F.batch_norm(x.reshape(n // s, s * c, *x.shape[2:]), *stats, weight, bias, True, momentum, self.eps)
         if self.track_running_stats:
             with torch.no_grad():
-                self.num_batches_tracked += 1
-                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                count = x.numel() // (s * c)  # values behind each group's statistics
-                self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), momentum)
-                self.running_var.lerp_((var * (count / max(count - 1, 1))).mean(0).to(self.running_var.dtype), momentum)
-        return out.to(x.dtype).view(x.shape)
+                self.running_mean.copy_(stats[0].view(s, c).mean(0))
+                self.running_var.copy_(stats[1].view(s, c).mean(0))
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return out.view(x.shape).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 def split_bn(module, splits):  # every BatchNorm1d/2d in `module` becomes a SplitBatchNorm (in place)
     for name, child in module.named_children():

@@ -231,6 +231,8 @@ def test_ctrl_c_in_evaluate_ends_in_one_line_with_exit_130():
                              "--linear-epochs", "100000", "--linear-batch-size", "32"], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     first = proc.stdout.readline()
+    while first.startswith("note:"):  # the loader's data-wait hint may come first, as timing has it
+        first = proc.stdout.readline()
     if first.startswith("linear epoch 1/"):
         os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
