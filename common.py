@@ -510,19 +510,15 @@ def save_views(args, views, ctx):
         seeds = dict(iter(sampler))
         rows = [views[(i, seeds[i])][0] for i in range(n)]  # lists of uint8 [3, h, w]
         cell = max(max(v.shape[1:]) for row in rows for v in row)
-
-        def into_cell(x):
-            out = torch.full((3, cell, cell), 128, dtype=torch.uint8)
-            top, left = (cell - x.shape[1]) // 2, (cell - x.shape[2]) // 2
-            out[:, top:top + x.shape[1], left:left + x.shape[2]] = x
-            return out
         cells = []
         for i, row in enumerate(rows):
             img = views.ds[i][0].convert("RGB")
             w, h = img.size
             if max(w, h) != cell:  # the original's longer side fitted to the cell
                 img = img.resize((max(1, round(w * cell / max(w, h))), max(1, round(h * cell / max(w, h)))), Image.BICUBIC)
-            cells += [into_cell(to_tensor(img))] + [into_cell(v) for v in row]
+            for x in [to_tensor(img)] + row:  # centred in a grey cell
+                top, left = (cell - x.shape[1]) // 2, (cell - x.shape[2]) // 2
+                cells.append(F.pad(x, (left, cell - x.shape[2] - left, top, cell - x.shape[1] - top), value=128))
         names = ["original"] + list(getattr(views.transform, "names", [f"view {j + 1}" for j in range(len(rows[0]))]))
         grid = torchvision.utils.make_grid(torch.stack(cells), nrow=len(rows[0]) + 1, padding=2, pad_value=255)
         k = -(-96 // cell)  # one integer factor for the whole grid: a cell of at least 96 px

@@ -78,3 +78,19 @@ def test_batch_shuffle_permutes_and_unshuffle_restores():
     assert torch.equal(again, shuffled)  # same seed, same permutation (exact resume)
     other, _ = common.batch_shuffle(x, seed=8)
     assert not torch.equal(other, shuffled)
+
+
+def test_split_bn_weight_and_bias_gradients_sum_over_the_groups():
+    """The groups share one weight and bias: their gradients are the reference's, summed over all groups."""
+    torch.manual_seed(4)
+    x = torch.randn(8, 3, 2, 2)
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    split = common.SplitBatchNorm(bn, 4).train()
+    grads = torch.autograd.grad((split(x) ** 3).sum(), [split.weight, split.bias])
+    ref = torch.autograd.grad((reference_group_bn(x, bn, 4) ** 3).sum(), [bn.weight, bn.bias])
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(grads[0], torch.autograd.grad((bn(x) ** 3).sum(), bn.weight)[0], atol=1e-2)
