@@ -429,6 +429,9 @@ def _mean_std(data, device):  # mean and std (0-255) as [1, 3, 1, 1] on `device`
     info = DATA_INFO[data]
     return tuple(host_to_device(255.0 * torch.tensor(info[k]).view(1, 3, 1, 1), device) for k in ("mean", "std"))
 
+def is_channels_last(t):  # NHWC memory (a 4-D tensor that is not also plain contiguous, as [n, c, 1, 1] is)
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
 def normalize_on_device(x, ctx, data, channels_last=False):
     """uint8 images [B, 3, H, W] -> float32 on ctx.device, normalised with the data set's mean and std."""
     mean, std = _mean_std(data, ctx.device)
@@ -559,8 +562,7 @@ def extract_features(backbone, ds, transform, ctx, data, batch_size=256, workers
     this process's shard), the backbone in eval mode (BN statistics untouched)."""
     was_training = backbone.training
     backbone.eval()
-    channels_last = any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-                        for p in backbone.parameters())  # the input layout of a channels-last model
+    channels_last = any(is_channels_last(p) for p in backbone.parameters())  # the input layout of a channels-last model
     shard = _shard(len(ds), ctx)
     keep = len(shard)
     shard = shard if keep else range(1)  # more processes than images: run one to learn the shape, keep none
@@ -757,8 +759,9 @@ def setup(args):
         fail(f"{' '.join(f'{k}={v}' for k, v in env.items())} is not a process of a run (RANK must be 0 to "
              "WORLD_SIZE - 1): launch with torchrun, or unset them")
     rank, local_rank, world = (int(v) for v in env.values())
-    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-    if world > 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    where = f"{addr}:{port}"
+    if world > 1 and not (addr and port):
         fail(f"WORLD_SIZE={world} without MASTER_ADDR and MASTER_PORT: launch with torchrun, or unset WORLD_SIZE")
     deterministic = getattr(args, "deterministic", False)
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -891,7 +894,7 @@ def _exchange(rows, send_counts, recv_counts):
     """all_to_all of rows grouped by receiving rank; returns rows grouped by sending rank (channels-last kept)."""
     if world_size() == 1:
         return rows
-    nhwc = rows.dim() == 4 and not rows.is_contiguous() and rows.is_contiguous(memory_format=torch.channels_last)
+    nhwc = is_channels_last(rows)
     rows = rows.permute(0, 2, 3, 1) if nhwc else rows  # the same memory as a contiguous [m, H, W, C]: sent without a copy
     out = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
     dist.all_to_all_single(out, rows.contiguous(), recv_counts, send_counts)
@@ -928,12 +931,10 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
             stats = (self.running_mean.repeat(s), self.running_var.repeat(s))  # updated in place by F.batch_norm
         weight, bias = (self.weight.repeat(s), self.bias.repeat(s)) if self.affine else (None, None)
         out = F.batch_norm(x.reshape(n // s, s * c, *x.shape[2:]), *stats, weight, bias, True, momentum, self.eps)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.running_mean.copy_(stats[0].view(s, c).mean(0))
-                self.running_var.copy_(stats[1].view(s, c).mean(0))
-        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        return out.view(x.shape).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        if self.track_running_stats:  # stats hold no gradient
+            self.running_mean.copy_(stats[0].view(s, c).mean(0))
+            self.running_var.copy_(stats[1].view(s, c).mean(0))
+        return out.view(x.shape).contiguous(memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
 
 def split_bn(module, splits):  # every BatchNorm1d/2d in `module` becomes a SplitBatchNorm (in place)
     for name, child in module.named_children():
