@@ -25,6 +25,7 @@ import argparse
 import atexit
 import datetime
 import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -79,10 +80,9 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 class CifarAlexNet(nn.Module):
-    """The small-image AlexNet of AAG's Tables 1-2 baselines (AND, Huang et al. 2019;
-    ISIF, Ye et al. 2019): 3x3 convolutions 64-192-384-256-256 with BN, ReLU and
-    2x2 max-pools after the 1st, 2nd and 5th, then fc 4096-1024-1024 with BN and
-    ReLU; h is 1024-d (7.5M parameters); 32-64 px. Sizes: the lemniscate-style `cifar_alexnet` (AND/ISIF publish none)."""
+    """The small-image AlexNet of AAG's Tables 1-2 baselines (AND, Huang et al. 2019; ISIF, Ye et al. 2019),
+    sizes of the lemniscate-style `cifar_alexnet` (AND/ISIF publish none): 3x3 convolutions 64-192-384-256-256
+    with BN, ReLU, 2x2 max-pools after the 1st, 2nd, 5th; fc 4096-1024-1024 with BN, ReLU; 7.5M parameters."""
 
     dim = 1024
 
@@ -104,10 +104,9 @@ class CifarAlexNet(nn.Module):
         return self.fc(torch.flatten(self.features(x), 1))
 
 def resnet(arch, image_size):
-    """(backbone, dim): maps [B, 3, S, S] images to features h [B, dim]. The CIFAR
-    stem depends on S alone (evaluate.py rebuilds it from the saved S): at S <= 64
-    a 3x3 stride-1 first convolution, at S <= 32 no max-pool either (CIFAR code of
-    SimCLR, simclr-pytorch, DSSL, MoCo v2; ReSSL's keeps it at 64 px)."""
+    """(backbone, dim): [B, 3, S, S] images -> features h [B, dim]. CIFAR stem, from S alone (evaluate.py rebuilds
+    it): at S <= 64 a 3x3 stride-1 first convolution, at S <= 32 no max-pool either (CIFAR code of SimCLR,
+    simclr-pytorch, DSSL, MoCo v2; ReSSL's keeps it at 64 px)."""
     if arch == "alexnet":
         return CifarAlexNet(image_size), CifarAlexNet.dim
     if arch == "resnet_small":
@@ -201,16 +200,13 @@ def _cifar(name, root, train, download):
     for f in files[0 if train else 1]:
         where = os.path.join(path, f)
         entry = _unpickle(where)
-        if isinstance(entry, dict):
-            entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
-        if not isinstance(entry, dict) or "data" not in entry or key not in entry:
-            fail(f"{where} is not a {name} batch (no data/labels entries)")
-        data, batch_labels = np.asarray(entry["data"]), np.asarray(entry[key])
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-            fail(f"{where} does not hold {name} images: expected uint8 [N, 3072], got {data.dtype} {list(data.shape)}")
-        if batch_labels.ndim != 1 or not np.issubdtype(batch_labels.dtype, np.integer):
-            fail(f"{where} has no integer label list under {key!r}")
+        entry = entry if isinstance(entry, dict) else {}
+        data, batch_labels = (np.asarray(entry.get(k, entry.get(k.encode()))) for k in ("data", key))  # str or bytes keys
+        if data.dtype != np.uint8 or data.shape[1:] != (3072,) or batch_labels.ndim != 1 or batch_labels.dtype.kind not in "iu":
+
+            fail(f"{where} is not a {name} batch: expected uint8 'data' [N, 3072] and an integer list {key!r}")
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # rows are 1024 R, 1024 G, 1024 B
+
         labels.extend(batch_labels.tolist())
     images = np.concatenate(images)
     _check_arrays(name, images, labels, 32, classes, path)
@@ -444,13 +440,9 @@ def eval_transform(data, size, resize=None, interpolation=T.InterpolationMode.BI
     return T.Compose([T.Resize(resize, interpolation=interpolation), T.CenterCrop(size), to_tensor])
 
 class KernelBlur(T.GaussianBlur):
-    """SimCLR's blur (App. A): torchvision's GaussianBlur (same sigma draw, kernel, reflect
-    padding) as two 1-D passes on PIL images: 2k, not k^2, multiply-adds per pixel. The
-    end taps that together weigh under 1/1024 are dropped (the rest renormalised): each
-    pass then moves a pixel by under 1/4 of a level, so the result stays within 1/255 of
-    torchvision's (about 1% of pixels off by 1). Sigma 0.1-2.0 in a 23 px kernel keeps
-    1-15 taps, 7.6 on average: 1.6 ms per 224 px view on one core (all 23: 2.1 ms); a
-    kernel with no tap under 1/2048 is used whole."""
+    """SimCLR's blur (App. A): torchvision's GaussianBlur (same sigma draw, kernel, reflect padding) as two
+    1-D passes on PIL images, without the end taps that weigh under 1/1024 together: within 1/255 of
+    torchvision's, 1.6 ms per 224 px view on one core (all 23 taps: 2.1 ms; 2-D: k^2 multiply-adds a pixel)."""
 
     def forward(self, img):
         if not isinstance(img, Image.Image):
@@ -499,12 +491,9 @@ def brightness(img, v): return ImageEnhance.Brightness(img).enhance(v)
 def sharpness(img, v): return ImageEnhance.Sharpness(img).enhance(v)
 
 def save_views(args, views, ctx):
-    """--save-views: a PNG grid, one row per image (the original, then the views in the
-    order the Views class returns them) drawn with the sampler's epoch-0 seeds: the very
-    tensors of epoch 0. Cells are the largest view's side; smaller views are padded, so
-    multi-crop views keep their relative sizes. The whole grid is then enlarged by one
-    integer factor k = ceil(96 / cell) (nearest neighbour: every pixel becomes a k x k
-    block), so a cell is at least 96 px (CIFAR's 32 px: x3); at cell >= 96, k = 1."""
+    """--save-views: a PNG grid, a row per image (the original, then the very view tensors of epoch 0, in
+    the Views class's order) in cells of the largest view's side (smaller views padded: multi-crop sizes
+    keep their ratio), enlarged by an integer factor (nearest neighbour) to cells of at least 96 px."""
     n = args.save_views_n
     if n > len(views):
         fail(f"--save-views-n {n} is more than the {len(views)} images of the training set", USAGE)
@@ -590,10 +579,9 @@ def _merge_top(sim_a, y_a, sim_b, y_b, k):  # the k largest of two candidate lis
 @torch.no_grad()
 def knn_predict(test_feats, train_feats, train_labels, classes, k=200, t=0.1, chunk=1024, bank_chunk=16384,
                 ctx=None, normalize=False):
-    """Weighted kNN: the k most cosine-similar training features vote for their label
-    with weight exp(sim / t); returns labels [N_test]. Unit rows, or normalize=True.
-    Sharded bank (ctx of several processes): each shard's top k is gathered and merged,
-    the same neighbours as one bank. Memory: one [chunk, bank_chunk] block at a time."""
+    """Weighted kNN: the k most cosine-similar training features vote for their label with weight exp(sim / t);
+    labels [N_test]. Unit rows, or normalize=True. A bank sharded over processes (ctx): each shard's top k is
+    gathered and merged, the same neighbours as one bank. Memory: one [chunk, bank_chunk] block at a time."""
     sharded = ctx is not None and ctx.world > 1
     total = torch.tensor([len(train_feats)], device=test_feats.device)
     if sharded:
@@ -638,10 +626,7 @@ def knn_accuracy(net, train_ds, test_ds, classes, ctx, size, data, k=200, t=0.1,
 def _number(kind, ok, rule):
     """An argparse type: a finite `kind` satisfying `ok`, else argparse's one-line error."""
     def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        v = kind(text)  # not a number: argparse says "invalid int value: 'x'"
         if not math.isfinite(v) or not ok(v):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return v
@@ -723,10 +708,7 @@ def apply_recipe(args, method, recipe):
     return args
 
 def default_workers():  # the cores this process may use (affinity: Slurm, taskset, containers) per local process
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: all
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
@@ -995,42 +977,34 @@ class SeededViews(torch.utils.data.Dataset):
 
 def train_loader(ds, transform, batch_size, workers, seed, ctx):
     """Loader over a GLOBAL batch size: batches of (transform's output, e.g. views; labels)."""
-    sampler = TrainSampler(len(ds), batch_size, ctx.rank, ctx.world, seed)
-    return MeasuredLoader(torch.utils.data.DataLoader(
-        SeededViews(ds, transform), batch_size=batch_size // ctx.world, sampler=sampler, num_workers=workers,
-        pin_memory=ctx.device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals,
-        persistent_workers=workers > 0))
+    return MeasuredLoader(SeededViews(ds, transform), batch_size=batch_size // ctx.world, num_workers=workers,
+                          sampler=TrainSampler(len(ds), batch_size, ctx.rank, ctx.world, seed), drop_last=True,
+                          pin_memory=ctx.device.type == "cuda", worker_init_fn=ignore_stop_signals,
+                          persistent_workers=workers > 0)
 
-class MeasuredLoader:
+class MeasuredLoader(torch.utils.data.DataLoader):
     """A DataLoader that ends the run in one line on an unreadable image and measures the
     share of time spent in next() waiting for batches: the stall (0% when the workers keep
     up; all of loading with --workers 0). On a GPU it bounds the starvation from above."""
 
-    STARVED = 0.3  # a pass waiting more than this prints one hint per run
-
-    def __init__(self, loader):
-        self.loader, self.wait, self.t0, self.hinted = loader, 0.0, time.perf_counter(), False
+    STARVED, hinted, wait, t0 = 0.3, False, 0.0, 0.0  # a pass waiting over STARVED of its time: one hint per run
 
     def __iter__(self):
         self.wait = 0.0
         self.t0 = t = time.perf_counter()
-        for batch in fail_on_bad_images(self.loader):
+        for batch in fail_on_bad_images(super().__iter__()):
             self.wait += time.perf_counter() - t  # from asking for the batch to having it
             yield batch
             t = time.perf_counter()
         if self.data_wait() > self.STARVED and not self.hinted and (not dist.is_initialized() or dist.get_rank() == 0):
             self.hinted = True
             print(f"note: {100 * self.data_wait():.0f}% of this epoch was spent waiting for data: the loader is the "
-                  f"bottleneck. Try more --workers (now {self.loader.num_workers}), fewer or cheaper views, or a faster "
+                  f"bottleneck. Try more --workers (now {self.num_workers}), fewer or cheaper views, or a faster "
                   "disk (images on local SSD, or decoded to arrays)", flush=True)
 
     def data_wait(self):
         """Share (0-1) of the time since this pass began spent waiting for batches."""
         return self.wait / max(time.perf_counter() - self.t0, 1e-9)
-
-    def __len__(self): return len(self.loader)
-
-    def __getattr__(self, name): return getattr(self.loader, name)
 
 
 # ===========================================================================
@@ -1054,8 +1028,7 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
 
     @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
+    def step(self):
         for group in self.param_groups:
             ws = [w for w in group["params"] if w.grad is not None]
             if not ws:
@@ -1072,7 +1045,7 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_mul_(vs, group["momentum"])
             torch._foreach_add_(vs, gs, alpha=group["lr"])
             torch._foreach_sub_(ws, vs)
-        return loss
+
 
 def lr_at(step, total_steps, warmup_steps, base_lr, final_lr=0.0):
     """Rate of step `step` (0-based): linear warmup to base_lr, then half a cosine to final_lr (SGDR, no restarts)."""
@@ -1149,9 +1122,7 @@ def duration(seconds):  # '03:04:05', or '1d 03:04:05' from a day on
     days, rest = divmod(int(min(seconds, 9_999 * 86400)), 86400)
     return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
 
-def _count_step(run, *_):
-    """The optimizer's step hook. A weak reference: a Run kept alive by its optimizer would keep ctx's
-    process group, and gloo's threads, alive past teardown()."""
+def _count_step(run, *_):  # the optimizer's step hook; `run` a weak reference, or the Run would outlive teardown()
     if run() is not None:
         run().optimizer_steps += 1
 
@@ -1162,15 +1133,12 @@ def _on_signal(requests, signum, frame):  # the handler holds a list, not the Ru
     requests.append(signum)
 
 class Run:
-    """A training run's bookkeeping, out of the loop's way:
-    - Run(...): resume from last.pt, lock --out, write args.json (before DDP wraps the model);
-    - epochs(): the epochs left; a resumed epoch is re-entered at its step. Ctrl-C or SIGTERM
-      (torchrun kills ~30 s after it) stops after the current step, with a checkpoint;
-    - end_step(loss, z): every --log-every steps the progress line and the finite-loss
-      check (the loop's only host syncs, besides fp16's in scaler.step); every step the
-      stop request. True when the loop must stop (--max-steps, the end, Ctrl-C, SIGTERM);
-    - end_epoch(): last.pt + backbone.pt, then the kNN monitor, then a log.jsonl record.
-    fp16 steps skipped by the scaler are counted by an optimizer hook (it skips optimizer.step)."""
+    """A training run's bookkeeping, out of the loop's way. Run(...) resumes from last.pt, locks --out and
+    writes args.json (before DDP wraps the model); epochs() yields the epochs left (a resumed one re-entered at
+    its step); end_step(loss, z) prints the progress line and checks the loss every --log-every steps (the
+    loop's only host syncs, besides fp16's in scaler.step) and is True when the loop must stop (--max-steps,
+    the end, Ctrl-C or SIGTERM: after the current step); end_epoch() saves, runs the kNN monitor, logs."""
+
 
     NONFINITE_PATIENCE = 3  # fp16: log steps in a row with a non-finite loss before the run is stopped
 
@@ -1424,31 +1392,27 @@ def load_strict(module, state, what, hint=""):
              + (hint or "; was it trained with another --arch, --image-size or method?"))
 
 def _digest(state):  # a hash of a state dict's tensors (0.2 s for ResNet-50's 100 MB)
-    h = hashlib.sha1()
-    for key in sorted(state):
-        h.update(key.encode())
-        if torch.is_tensor(state[key]):
-            h.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return hashlib.sha1(b"".join(v.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+                                 for _, v in sorted(state.items()) if torch.is_tensor(v))).hexdigest()
 
 def same_start(step, digest, where):
     """DDP: every process resumes from rank 0's step and checkpoint, or the run stops (a node
     without last.pt on a local disk would silently train from step 0)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized():
         return
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, dict(step=step, digest=digest, where=where, node=os.uname().nodename,
-                                          rank=dist.get_rank()))
-    ref = everyone[0]
-    for other in everyone[1:]:
-        if (other["step"], other["digest"]) != (ref["step"], ref["digest"]):
-            what = "a different checkpoint at the same step" if other["step"] == ref["step"] else f"step {other['step']}"
-            message = (f"rank {other['rank']} on node {other['node']} would resume from {what} ({other['where']}), "
-                       f"rank 0 on node {ref['node']} from step {ref['step']} ({ref['where']}): every process must see "
-                       "the same checkpoint; put --out on a file system all nodes share, or copy last.pt to each node")
-            if dist.get_rank() == 0:
-                fail(message)
-            sys.exit(RUNTIME)  # the others stop quietly: rank 0 says why
+    everyone = [None] * dist.get_world_size()  # (step, digest, where, node) of each rank
+    dist.all_gather_object(everyone, (step, digest, where, os.uname().nodename))
+    step0, _, where0, node0 = everyone[0]
+    odd = [r for r, e in enumerate(everyone) if e[:2] != everyone[0][:2]]
+    if odd and dist.get_rank() == 0:
+        step, _, where, node = everyone[odd[0]]
+        fail(f"rank {odd[0]} on node {node} would resume from "
+             f"{'a different checkpoint at the same step' if step == step0 else f'step {step}'} ({where}), rank 0 on "
+             f"node {node0} from step {step0} ({where0}): every process must see the same checkpoint; put --out on a "
+             "file system all nodes share, or copy last.pt to each node")
+    if odd:
+        sys.exit(RUNTIME)  # the others stop quietly: rank 0 says why
+
 
 def claim_out(args, ctx):
     """Rank 0: create --out, take its lock, remove what a killed save left, write args.json."""
@@ -1459,44 +1423,33 @@ def claim_out(args, ctx):
     try:
         os.makedirs(args.out, exist_ok=True)
         lock_out(args.out)
-        for name in os.listdir(args.out):  # PATH.tmp<pid> of a save whose process is gone
-            stem, _, pid = name.rpartition(".tmp")
-            if stem and pid.isdigit() and not _alive(int(pid)):
+        for name in os.listdir(args.out):  # PATH.tmp<pid> of a save killed mid-write: with the lock, no run is saving
+            if name.startswith(("last.pt.tmp", "backbone.pt.tmp")):
                 os.remove(os.path.join(args.out, name))
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
     except OSError as e:
         fail(f"cannot write to --out {args.out} ({e.strerror or e}); pass a folder you can write to")
 
+_HELD_LOCKS = {}  # run.lock path -> its file, open (and so locked) while this process lives
+
 def lock_out(folder):
-    """One live run per --out: OUT/run.lock holds the owner's PID and host; removed at exit, taken over when its owner is gone."""
-    path, me = os.path.join(folder, "run.lock"), f"{os.getpid()} {os.uname().nodename}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pid, _, host = _read_text(path).partition(" ")
-            if pid.isdigit() and int(pid) != os.getpid() and (host != os.uname().nodename or _alive(int(pid))):
-                fail(f"another run (process {pid}{' on ' + host if host else ''}) is writing to {folder}; "
-                     f"wait for it, stop it, or pass another --out", RUNTIME)
-            os.remove(path)  # its owner is dead: take it over
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        atexit.register(lambda: _read_text(path) == me and os.remove(path))
+    """One live run per --out: an exclusive flock on OUT/run.lock, which the kernel releases however the
+    process ends (a file system without locks, such as Lustre mounted noflock, runs unguarded)."""
+    path = os.path.realpath(os.path.join(folder, "run.lock"))
+    if path in _HELD_LOCKS:
         return
-    fail(f"could not take the lock {path}; delete it if no run is using {folder}")
-
-def _read_text(path):
+    f = open(path, "a+")
     try:
-        with open(path) as f:
-            return f.read().strip()
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        fail(f"another run ({f.read().strip() or 'a live process'}) is writing to {folder}; "
+             "wait for it, stop it, or pass another --out")
     except OSError:
-        return ""
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True  # PermissionError too: someone else's live process
+        pass
+    f.truncate(0)
+    f.write(f"process {os.getpid()} on {os.uname().nodename}")
+    f.flush()
+    _HELD_LOCKS[path] = f
+    atexit.register(f.close)  # releases the lock (the kernel would, too)

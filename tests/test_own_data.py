@@ -166,7 +166,7 @@ class Slow(torch.utils.data.Dataset):
 
 
 def loader_over(ds, batch=2):
-    return common.MeasuredLoader(torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=0))
+    return common.MeasuredLoader(ds, batch_size=batch, num_workers=0)
 
 
 def test_data_wait_is_high_for_a_slow_loader_and_low_for_slow_compute(capsys):
