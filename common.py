@@ -1139,7 +1139,6 @@ class Run:
     loop's only host syncs, besides fp16's in scaler.step) and is True when the loop must stop (--max-steps,
     the end, Ctrl-C or SIGTERM: after the current step); end_epoch() saves, runs the kNN monitor, logs."""
 
-
     NONFINITE_PATIENCE = 3  # fp16: log steps in a row with a non-finite loss before the run is stopped
 
     def __init__(self, args, ctx, model, optimizer, scaler, loader, data=None, knn_net=None):
