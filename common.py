@@ -25,7 +25,6 @@ import argparse
 import atexit
 import datetime
 import errno
-import fcntl
 import functools
 import hashlib
 import json
@@ -1435,6 +1434,7 @@ _HELD_LOCKS = {}  # run.lock path -> its file, open (and so locked) while this p
 def lock_out(folder):
     """One live run per --out: an exclusive flock on OUT/run.lock, which the kernel releases however the
     process ends (a file system without locks, such as Lustre mounted noflock, runs unguarded)."""
+    import fcntl  # POSIX only (Linux, macOS); evaluate.py never takes the lock
     path = os.path.realpath(os.path.join(folder, "run.lock"))
     if path in _HELD_LOCKS:
         return
