@@ -18,15 +18,13 @@ Map, in reading order (a first reading can stop before section 11):
   9  LARS and schedule         LARS, param_groups, lr_at, set_lr                   simclr, dssl (LARS); all
   10 Checkpoints and logging   resume, save_run, Run (progress, stop, loss check)  all
   11 Run safety                one-line errors (one per run under torchrun),       all (through Run)
-                               atomic files, the lock on --out, checks that all
-                               processes agree
+                               atomic files, the lock on --out
 """
 import argparse
 import atexit
 import datetime
 import errno
 import functools
-import hashlib
 import json
 import math
 import os
@@ -176,7 +174,14 @@ def _check_arrays(name, images, labels, side, classes, where):
     if len(labels) != len(images) or len(labels) == 0 or labels.min() < 0 or labels.max() >= classes:
         fail(f"{where} has {len(labels)} labels for {len(images)} images, or labels outside 0..{classes - 1}")
 
-def _download(fetch, name, root):
+def _fetch_if_missing(name, root, files, download, fetch):
+    """Nothing if every path in `files` exists; else fetch() (torchvision's download), or one line naming the first missing."""
+    missing = [f for f in files if not os.path.isfile(f)]
+    if not missing:
+        return
+    if not download:
+        fail(f"{name} not found: no {missing[0]} ({len(missing)} of its {len(files)} files missing); run without "
+             "--no-download to fetch it, or point --data-dir at the folder holding it")
     try:
         fetch()
     except Exception as e:  # no network, disk full, bad archive
@@ -189,12 +194,8 @@ def _cifar(name, root, train, download):
         "cifar100": ("cifar-100-python", (["train"], ["test"]), "fine_labels", 100, torchvision.datasets.CIFAR100),
     }[name]
     path = os.path.join(root, folder)
-    needed = files[0] + files[1]
-    if not all(os.path.isfile(os.path.join(path, f)) for f in needed):
-        if not download:
-            fail(f"{name} not found: expected {', '.join(needed)} in {path}; "
-                 "run without --no-download to fetch it, or point --data-dir at the folder holding it")
-        _download(lambda: tv(root, download=True), name, root)
+    _fetch_if_missing(name, root, [os.path.join(path, f) for f in files[0] + files[1]], download,
+                      lambda: tv(root, download=True))
     images, labels = [], []
     for f in files[0 if train else 1]:
         where = os.path.join(path, f)
@@ -213,10 +214,7 @@ def _cifar(name, root, train, download):
 def _svhn(root, train, download):
     split = "train" if train else "test"
     path = os.path.join(root, f"{split}_32x32.mat")
-    if not os.path.isfile(path):
-        if not download:
-            fail(f"svhn not found: expected {path}; run without --no-download to fetch it")
-        _download(lambda: torchvision.datasets.SVHN(root, split=split, download=True), "svhn", root)
+    _fetch_if_missing("svhn", root, [path], download, lambda: torchvision.datasets.SVHN(root, split=split, download=True))
     try:
         import scipy.io
     except ImportError:
@@ -234,11 +232,8 @@ def _stl10(root, split, download):
     """split: "train+unlabeled" (pre-training), "train" or "test"."""
     path = os.path.join(root, "stl10_binary")
     parts = {"train+unlabeled": ["train", "unlabeled"], "train": ["train"], "test": ["test"]}[split]
-    if not all(os.path.isfile(os.path.join(path, f"{p}_X.bin")) for p in parts):
-        if not download:
-            fail(f"stl10 not found: expected {', '.join(p + '_X.bin' for p in parts)} in {path}; "
-                 "run without --no-download to fetch it")
-        _download(lambda: torchvision.datasets.STL10(root, split="train+unlabeled", download=True), "stl10", root)
+    _fetch_if_missing("stl10", root, [os.path.join(path, f"{p}_X.bin") for p in parts], download,
+                      lambda: torchvision.datasets.STL10(root, split="train+unlabeled", download=True))
     arrays = []
     for p in parts:
         x_path, y_path = os.path.join(path, f"{p}_X.bin"), os.path.join(path, f"{p}_y.bin")
@@ -291,23 +286,20 @@ def _folder(root, train):
     """--data folder: ROOT/train/ (else ROOT) is labelled when every image lies one
     folder down in at least two folders (train/<class>/<image>; val/ then holds the
     same classes); any other tree is unlabelled images (-1) for pre-training."""
-    labelled_layout = "train/<class>/<image> and val/<class>/<image>"
-    tree = os.path.join(root, "train")
+    layout = "train/<class>/<image> and val/<class>/<image>"
+    tree = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
     if not os.path.isdir(tree):
-        if not os.path.isdir(root):
-            fail(f"folder not found: --data-dir {root} does not exist (it must hold images, or {labelled_layout})")
-        tree = root
+        fail(f"folder not found: --data-dir {root} does not exist (it must hold images, or {layout})")
     files = _image_files(tree)
     if not files:
         fail(f"folder: no image files ({' '.join(IMAGE_EXTENSIONS)}, any case) under {tree}")
-    classes = None
-    if tree != root and all(len(depth) == 1 for _, depth in files):
-        classes = sorted({depth[0] for _, depth in files})
-        classes = classes if len(classes) >= 2 else None
+    one_down = tree != root and all(len(depth) == 1 for _, depth in files)
+    classes = sorted({depth[0] for _, depth in files}) if one_down else []
+    classes = classes if len(classes) >= 2 else None
     val = os.path.join(root, "val")
     if classes is None:
         why = (f"{root} has no train/ folder, so its images have no labels" if tree == root else
-               f"{tree} is not one level of at least two class folders ({labelled_layout}), so it has no labels")
+               f"{tree} is not one level of at least two class folders ({layout}), so it has no labels")
     else:
         why = None if os.path.isdir(val) else f"{root} has no val/ folder of labelled images (val/<class>/<image>) to test on"
     index = {c: i for i, c in enumerate(classes or ())}
@@ -467,11 +459,9 @@ class RandomPILBlur:
         s = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * float(torch.rand(()))
         return img.filter(ImageFilter.GaussianBlur(radius=s))
 
-# AutoAugment/RandAugment pixel ops (Cubuk et al.) on PIL images: (img, v) -> img,
-# v in the op's own unit. WHICH ops a method draws, over which ranges and signs,
-# is the method's, in its own file (CLSA's strong views, DSSL's heavy views, with
-# the two ops only DSSL's table uses, SolarizeAdd and Cutout).
-# Geometric ops fill uncovered pixels with black, as PIL does.
+# AutoAugment/RandAugment pixel ops (Cubuk et al.) on PIL images: (img, v) -> img, v in the op's own unit;
+# geometric ops fill uncovered pixels with black, as PIL does. Which ops a method draws, over which ranges and
+# signs, is in its own file (CLSA's strong views; DSSL's heavy views, with its own SolarizeAdd and Cutout).
 def identity(img, v=None): return img
 def shear_x(img, v): return img.transform(img.size, Image.AFFINE, (1, v, 0, 0, 1, 0))       # (x, y) reads (x + v*y, y)
 def shear_y(img, v): return img.transform(img.size, Image.AFFINE, (1, 0, 0, v, 1, 0))       # (x, y) reads (x, y + v*x)
@@ -489,24 +479,20 @@ def brightness(img, v): return ImageEnhance.Brightness(img).enhance(v)
 def sharpness(img, v): return ImageEnhance.Sharpness(img).enhance(v)
 
 def save_views(args, views, ctx):
-    """--save-views: a PNG grid, a row per image (the original, then the very view tensors of epoch 0, in
-    the Views class's order) in cells of the largest view's side (smaller views padded: multi-crop sizes
-    keep their ratio), enlarged by an integer factor (nearest neighbour) to cells of at least 96 px."""
+    """--save-views: a PNG grid, a row per image: the original (fitted to the cell), then the very view tensors
+    of epoch 0 in the Views class's order, centred in grey cells of the largest view's side (multi-crop sizes
+    keep their ratio); the grid enlarged by one integer factor (nearest neighbour) to cells of at least 96 px."""
     n = args.save_views_n
     if n > len(views):
         fail(f"--save-views-n {n} is more than the {len(views)} images of the training set", USAGE)
     if ctx.main:
-        sampler = TrainSampler(len(views), len(views), seed=args.seed)  # one batch: every index with its epoch-0 seed
-        seeds = dict(iter(sampler))
+        seeds = dict(iter(TrainSampler(len(views), len(views), seed=args.seed)))  # one batch: each index's epoch-0 seed
         rows = [views[(i, seeds[i])][0] for i in range(n)]  # lists of uint8 [3, h, w]
         cell = max(max(v.shape[1:]) for row in rows for v in row)
         cells = []
         for i, row in enumerate(rows):
-            img = views.ds[i][0].convert("RGB")
-            w, h = img.size
-            if max(w, h) != cell:  # the original's longer side fitted to the cell
-                img = img.resize((max(1, round(w * cell / max(w, h))), max(1, round(h * cell / max(w, h)))), Image.BICUBIC)
-            for x in [to_tensor(img)] + row:  # centred in a grey cell
+            original = ImageOps.contain(views.ds[i][0].convert("RGB"), (cell, cell), Image.BICUBIC)
+            for x in [to_tensor(original)] + row:
                 top, left = (cell - x.shape[1]) // 2, (cell - x.shape[2]) // 2
                 cells.append(F.pad(x, (left, cell - x.shape[2] - left, top, cell - x.shape[1] - top), value=128))
         names = ["original"] + list(getattr(views.transform, "names", [f"view {j + 1}" for j in range(len(rows[0]))]))
@@ -517,9 +503,8 @@ def save_views(args, views, ctx):
             Image.fromarray(grid.permute(1, 2, 0).numpy()).save(args.save_views, format="PNG")
         except OSError as e:
             fail(f"cannot write --save-views {args.save_views}: {e}")
-        print(f"{args.method} views: {' | '.join(names)}  ({n} images of {args.data}, epoch-0 seeds; {cell} px cells: "
-              f"original resized to fit, smaller views padded; whole grid enlarged x{k}, nearest neighbour, "
-              f"to {cell * k} px cells) -> {args.save_views}", flush=True)
+        print(f"{args.method} views: {' | '.join(names)}  ({n} images of {args.data}, epoch-0 seeds; {cell} px cells: original "
+              f"resized to fit, smaller views padded; grid enlarged x{k}, nearest neighbour, to {cell * k} px cells) -> {args.save_views}", flush=True)
     teardown()
 
 
@@ -656,9 +641,8 @@ def add_base_args(parser):
                    help="fetch CIFAR, SVHN or STL-10 when missing (default on)")
     g.add_argument("--subset", type=positive_int, default=None,
                    help="use only the first N training images (in file order: on a class-folder tree, the first classes)")
-    g.add_argument("--image-size", type=positive_int, default=None,
-                   help="input side in pixels (default: 32 CIFAR/SVHN/synthetic, 64 Tiny ImageNet, "
-                        "96 STL-10, 224 ImageNet/folder); the CIFAR stem is used at 64 and below")
+    g.add_argument("--image-size", type=positive_int, default=None, help="input side in pixels (default: 32 CIFAR/SVHN/"
+                   "synthetic, 64 Tiny ImageNet, 96 STL-10, 224 ImageNet/folder); the CIFAR stem is used at 64 and below")
     g.add_argument("--workers", type=nonneg_int, default=None, help="data loader processes per GPU (default: this process's share of its cores)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--arch", default=None, choices=ARCHS, help="backbone (default: the paper's)")
@@ -667,13 +651,12 @@ def add_base_args(parser):
     g.add_argument("--lr", type=positive_float, default=None, help="base learning rate, scaled with the batch as the paper scales it")
     g.add_argument("--weight-decay", type=nonneg_float, default=None, help="weight decay (default: the paper's)")
     g.add_argument("--warmup-epochs", type=nonneg_float, default=None, help="linear warmup epochs before cosine decay")
-    g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
-                   help="mixed precision (auto: bf16 on GPUs with native bf16, compute capability 8.0+; "
-                        "fp16 with loss scaling on older GPUs such as the RTX 2080 Ti, V100, T4; off on CPU)")
+    g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="mixed precision (auto: bf16 on "
+                   "GPUs with native bf16, compute capability 8.0+; fp16 with loss scaling on older GPUs such as the RTX "
+                   "2080 Ti, V100, T4; off on CPU)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on tensor cores)")
-    g.add_argument("--deterministic", action="store_true",
-                   help="deterministic GPU kernels, cudnn.benchmark off: a resumed run ends bit-identical on a GPU too "
-                        "(slower; on the CPU runs are deterministic anyway)")
+    g.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels, cudnn.benchmark off: a resumed "
+                   "run ends bit-identical on a GPU too (slower; on the CPU runs are deterministic anyway)")
     g = parser.add_argument_group("run")
     g.add_argument("--out", default=None, help="output folder (default runs/<method>-<data>)")
     g.add_argument("--resume", default="auto", help="auto (continue from OUT/last.pt if present), none, or a checkpoint path")
@@ -681,9 +664,9 @@ def add_base_args(parser):
     g.add_argument("--knn-every", type=nonneg_int, default=None, help="kNN monitor every N epochs, 0 = off (default 10; 0 on ImageNet/folder)")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps in all (smoke runs, benchmarks)")
     g.add_argument("--log-every", type=positive_int, default=50, help="progress line every N steps")
-    g.add_argument("--save-views", type=png_file, default=None, metavar="FILE.png",
-                   help="write a grid of the first --save-views-n images (one row each: the original, then the "
-                        "method's views as training draws them at epoch 0) and exit without training")
+    g.add_argument("--save-views", type=png_file, default=None, metavar="FILE.png", help="write a grid of the first "
+                   "--save-views-n images (one row each: the original, then the method's views as training draws them at "
+                   "epoch 0) and exit without training")
     g.add_argument("--save-views-n", type=positive_int, default=8, help="images (rows) in the --save-views grid (default 8)")
     return parser
 
@@ -719,10 +702,9 @@ PEER_WAIT = 600  # seconds a process started by hand (RANK, WORLD_SIZE set, no t
 class Context:
     """Rank, world size, device and mixed-precision dtype of this process."""
 
-    def __init__(self, rank, world, local_rank, device, amp_dtype):
+    def __init__(self, rank, world, local_rank, device, amp_dtype, cpu_group=None):
         self.rank, self.world, self.local_rank, self.device, self.amp_dtype = rank, world, local_rank, device, amp_dtype
-        self.main = rank == 0
-        self.cpu_group = None  # under torchrun: a gloo group for the stop flag, which must never wait for the GPU
+        self.main, self.cpu_group = rank == 0, cpu_group  # cpu_group: the stop flag's, which must never wait for a GPU
 
     def autocast(self):
         # AMP: forward passes in bf16/fp16; every loss casts to float32 itself.
@@ -740,7 +722,6 @@ def setup(args):
              "WORLD_SIZE - 1): launch with torchrun, or unset them")
     rank, local_rank, world = (int(v) for v in env.values())
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    where = f"{addr}:{port}"
     if world > 1 and not (addr and port):
         fail(f"WORLD_SIZE={world} without MASTER_ADDR and MASTER_PORT: launch with torchrun, or unset WORLD_SIZE")
     deterministic = getattr(args, "deterministic", False)
@@ -755,23 +736,21 @@ def setup(args):
     if world > 1:
         by_hand = "TORCHELASTIC_RUN_ID" not in os.environ  # torchrun has gathered the processes already
         if by_hand:
-            print(f"process {rank} of {world}: waiting up to {PEER_WAIT} s for the others at {where}", file=sys.stderr, flush=True)
+            print(f"process {rank} of {world}: waiting up to {PEER_WAIT} s for the others at {addr}:{port}", file=sys.stderr, flush=True)
         try:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda"
                                     else None, timeout=datetime.timedelta(seconds=PEER_WAIT) if by_hand else None)
         except (RuntimeError, ValueError) as e:  # DistStoreError (no peers in time) is a RuntimeError
-            fail(f"process {rank} of {world} could not join the others at {where} ({type(e).__name__}: "
+            fail(f"process {rank} of {world} could not join the others at {addr}:{port} ({type(e).__name__}: "
                  f"{str(e).splitlines()[0][:150]}); start all {world} processes, or launch with torchrun")
     amp_dtype = choose_amp(getattr(args, "amp", "off"), device, warn=rank == 0)
     seed = getattr(args, "seed", 0) + rank
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    ctx = Context(rank, world, local_rank, device, amp_dtype)
-    if world > 1:
-        ctx.cpu_group = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     install_error_hook(args, world, amp_dtype)
-    return ctx
+    return Context(rank, world, local_rank, device, amp_dtype,
+                   dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None)
 
 def choose_amp(amp, device, warn=True):
     """The autocast dtype for --amp (None: float32). AMP: `auto` is bf16 where the GPU
@@ -797,19 +776,18 @@ def teardown():  # leave the process group together: no rank leaves while rank 0
 
 def world_size(): return dist.get_world_size() if dist.is_initialized() else 1
 
+def dist_rank(): return dist.get_rank() if dist.is_initialized() else 0
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(fctx, x):
         return concat_all_gather(x)
 
     @staticmethod
-    def backward(fctx, grad):
-        # Every rank computed the same loss from the gathered batch: the gradient
-        # of the sum over ranks is the all-reduced gradient; keep our rows.
+    def backward(fctx, grad):  # every rank computed the same loss: the gradient summed over ranks, our rows of it
         grad = grad.contiguous()
         dist.all_reduce(grad)
-        n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 def gather_with_grad(x):
     """x [n, ...] of every process in rank order -> [world*n, ...], with gradient: every
@@ -853,7 +831,7 @@ def batch_shuffle(x, seed):
     """x: this process's [n, ...] -> (its slice of the global batch permuted by a permutation
     drawn from `seed`, the plan that undoes it). Every rank draws the same one on the host
     (the exchange's counts must be host integers): nothing broadcast, no GPU stall."""
-    world, rank, n = world_size(), dist.get_rank() if world_size() > 1 else 0, x.shape[0]
+    world, rank, n = world_size(), dist_rank(), x.shape[0]
     perm = torch.randperm(world * n, generator=torch.Generator().manual_seed(seed))  # slot p holds image perm[p]
     sender = perm // n                                       # rank holding each slot's image
     ours = sender == rank
@@ -994,7 +972,7 @@ class MeasuredLoader(torch.utils.data.DataLoader):
             self.wait += time.perf_counter() - t  # from asking for the batch to having it
             yield batch
             t = time.perf_counter()
-        if self.data_wait() > self.STARVED and not self.hinted and (not dist.is_initialized() or dist.get_rank() == 0):
+        if self.data_wait() > self.STARVED and not self.hinted and dist_rank() == 0:
             self.hinted = True
             print(f"note: {100 * self.data_wait():.0f}% of this epoch was spent waiting for data: the loader is the "
                   f"bottleneck. Try more --workers (now {self.num_workers}), fewer or cheaper views, or a faster "
@@ -1066,27 +1044,33 @@ RESUME_MAY_CHANGE = {"out", "resume", "epochs", "max_steps", "log_every", "worke
                      "amp", "channels_last", "deterministic", "bn_splits", "save_views", "save_views_n"}
 
 def resume(args, model, optimizer, scaler):
-    """Restore a run per --resume (auto: OUT/last.pt if present); returns the steps taken.
-    Before DDP wraps the model: DDP's first broadcast hands rank 0's weights to all."""
+    """Restore a run per --resume (auto: OUT/last.pt if present); returns the steps taken. Before DDP wraps
+    the model. DDP: rank 0 reads the checkpoint and sends it to every process (once per run, about 0.3 GB
+    at ResNet-50), so all resume from the same state and --out need exist only on rank 0's node."""
     path = os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume
-    if args.resume == "none" or (args.resume == "auto" and not os.path.isfile(path)):
-        same_start(0, None, f"no checkpoint in {args.out}" if args.resume == "auto" else "--resume none")
+    ckpt = None
+    if args.resume != "none" and (args.resume != "auto" or os.path.isfile(path)) and dist_rank() == 0:
+        ckpt = load_checkpoint(path, hint="; delete it, or pass --resume none to start over")
+        if "method" not in ckpt and "step" not in ckpt:
+            fail(f"{path} is a bare backbone (the weights alone, as in backbone.pt), not a training checkpoint: "
+                 "pass --resume OUT/last.pt to continue a run; evaluate a backbone with evaluate.py --ckpt", USAGE)
+        missing = sorted({"method", "step", "args", "model", "optimizer"} - set(ckpt))
+        if missing or not isinstance(ckpt["args"], dict):
+            fail(f"{path} is not a complete training checkpoint (no {', '.join(missing) or 'flags'}); "
+                 "delete it, or pass --resume none to start over")
+        if ckpt["method"] != args.method:
+            fail(f"{path} is a {ckpt['method']!r} checkpoint, not {args.method!r}; pass --out to start a separate run")
+        differ = [f"--{k.replace('_', '-')} {v} (now {getattr(args, k)})" for k, v in sorted(ckpt["args"].items())
+                  if k not in RESUME_MAY_CHANGE and hasattr(args, k) and v != getattr(args, k)]
+        if differ:
+            fail(f"{path} was trained with {', '.join(differ)}: resume with its flags, pass another --out for a "
+                 "separate run, or --resume none to overwrite it")
+    if dist.is_initialized():
+        box = [ckpt]
+        dist.broadcast_object_list(box)
+        ckpt = box[0]
+    if ckpt is None:
         return 0
-    ckpt = load_checkpoint(path, hint="; delete it, or pass --resume none to start over")
-    if "method" not in ckpt and "step" not in ckpt:
-        fail(f"{path} is a bare backbone (the weights alone, as in backbone.pt), not a training checkpoint: "
-             "pass --resume OUT/last.pt to continue a run; evaluate a backbone with evaluate.py --ckpt", USAGE)
-    missing = sorted({"method", "step", "args", "model", "optimizer"} - set(ckpt))
-    if missing or not isinstance(ckpt["args"], dict):
-        fail(f"{path} is not a complete training checkpoint (no {', '.join(missing) or 'flags'}); "
-             "delete it, or pass --resume none to start over")
-    if ckpt["method"] != args.method:
-        fail(f"{path} is a {ckpt['method']!r} checkpoint, not {args.method!r}; pass --out to start a separate run")
-    differ = [f"--{k.replace('_', '-')} {v} (now {getattr(args, k)})" for k, v in sorted(ckpt["args"].items())
-              if k not in RESUME_MAY_CHANGE and hasattr(args, k) and v != getattr(args, k)]
-    if differ:
-        fail(f"{path} was trained with {', '.join(differ)}: resume with its flags, pass another --out for a "
-             "separate run, or --resume none to overwrite it")
     load_strict(unwrap(model), ckpt["model"], path)
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -1094,7 +1078,6 @@ def resume(args, model, optimizer, scaler):
             scaler.load_state_dict(ckpt["scaler"])
     except (KeyError, ValueError, RuntimeError) as e:
         fail(f"{path} has an optimizer or {type(e).__name__} state that does not fit this run ({e})")
-    same_start(int(ckpt["step"]), _digest(ckpt["model"]), path)
     return int(ckpt["step"])
 
 def save_run(args, model, backbone, optimizer, scaler, step, epoch):
@@ -1202,11 +1185,10 @@ class Run:
         self.nonfinite = self.nonfinite + 1 if bad.item() else 0
         fp16 = self.scaler.is_enabled()
         if self.nonfinite and (not fp16 or self.nonfinite >= self.NONFINITE_PATIENCE):
-            fail(f"the loss is {float(loss.detach().float().mean())} at step {self.step}"
-                 + (f" ({self.nonfinite} log steps in a row under fp16 loss scaling)" if fp16 else "")
-                 + f"; training diverged, most likely a learning rate too high for this batch "
-                 f"({self.optimizer.param_groups[0]['lr']:.4g}): lower --lr (or try --amp bf16/off). "
-                 "The last checkpoint, written before it, is kept")
+            fail(f"the loss is {float(loss.detach().float().mean())} at step {self.step}" + (f" ({self.nonfinite} log steps "
+                 f"in a row under fp16 loss scaling)" if fp16 else "") + "; training diverged, most likely a learning rate "
+                 f"too high for this batch ({self.optimizer.param_groups[0]['lr']:.4g}): lower --lr (or try --amp "
+                 "bf16/off). The last checkpoint, written before it, is kept")
 
     def end_epoch(self):
         args, ctx = self.args, self.ctx
@@ -1387,31 +1369,6 @@ def load_strict(module, state, what, hint=""):
              f"{', missing keys' if 'Missing key' in text else ''}{', unexpected keys' if 'Unexpected key' in text else ''})"
              + (hint or "; was it trained with another --arch, --image-size or method?"))
 
-def _digest(state):  # a hash of a state dict's keys and tensors, one tensor at a time (0.2 s for ResNet-50's 100 MB)
-    h = hashlib.sha1()
-    for key, v in sorted(state.items()):
-        h.update(key.encode())
-        if torch.is_tensor(v):
-            h.update(v.detach().cpu().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-def same_start(step, digest, where):
-    """DDP: every process resumes from rank 0's step and checkpoint, or the run stops (a node
-    without last.pt on a local disk would silently train from step 0)."""
-    if not dist.is_initialized():
-        return
-    everyone = [None] * dist.get_world_size()  # (step, digest, where, node) of each rank
-    dist.all_gather_object(everyone, (step, digest, where, os.uname().nodename))
-    step0, _, where0, node0 = everyone[0]
-    odd = [r for r, e in enumerate(everyone) if e[:2] != everyone[0][:2]]
-    if odd and dist.get_rank() == 0:
-        step, _, where, node = everyone[odd[0]]
-        fail(f"rank {odd[0]} on node {node} would resume from "
-             f"{'a different checkpoint at the same step' if step == step0 else f'step {step}'} ({where}), rank 0 on "
-             f"node {node0} from step {step0} ({where0}): every process must see the same checkpoint; put --out on a "
-             "file system all nodes share, or copy last.pt to each node")
-    if odd:
-        sys.exit(RUNTIME)  # the others stop quietly: rank 0 says why
 
 def claim_out(args, ctx):
     """Rank 0: create --out, take its lock, remove what a killed save left, write args.json."""
