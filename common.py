@@ -503,8 +503,9 @@ def save_views(args, views, ctx):
             Image.fromarray(grid.permute(1, 2, 0).numpy()).save(args.save_views, format="PNG")
         except OSError as e:
             fail(f"cannot write --save-views {args.save_views}: {e}")
-        print(f"{args.method} views: {' | '.join(names)}  ({n} images of {args.data}, epoch-0 seeds; {cell} px cells: original "
-              f"resized to fit, smaller views padded; grid enlarged x{k}, nearest neighbour, to {cell * k} px cells) -> {args.save_views}", flush=True)
+        print(f"{args.method} views: {' | '.join(names)}  ({n} images of {args.data}, epoch-0 seeds; {cell} px cells: "
+              f"original resized to fit, smaller views padded; grid enlarged x{k}, nearest neighbour, "
+              f"to {cell * k} px cells) -> {args.save_views}", flush=True)
     teardown()
 
 
@@ -704,7 +705,8 @@ class Context:
 
     def __init__(self, rank, world, local_rank, device, amp_dtype, cpu_group=None):
         self.rank, self.world, self.local_rank, self.device, self.amp_dtype = rank, world, local_rank, device, amp_dtype
-        self.main, self.cpu_group = rank == 0, cpu_group  # cpu_group: the stop flag's, which must never wait for a GPU
+        self.main = rank == 0
+        self.cpu_group = cpu_group  # the stop flag's gloo group on GPUs, never waiting for one (None: the default group)
 
     def autocast(self):
         # AMP: forward passes in bf16/fp16; every loss casts to float32 itself.
@@ -1045,8 +1047,8 @@ RESUME_MAY_CHANGE = {"out", "resume", "epochs", "max_steps", "log_every", "worke
 
 def resume(args, model, optimizer, scaler):
     """Restore a run per --resume (auto: OUT/last.pt if present); returns the steps taken. Before DDP wraps
-    the model. DDP: rank 0 reads the checkpoint and sends it to every process (once per run, about 0.3 GB
-    at ResNet-50), so all resume from the same state and --out need exist only on rank 0's node."""
+    the model. DDP: rank 0 reads the checkpoint and sends it to every process (once per run, as many bytes
+    as last.pt), so all resume from the same state and --out need exist only on rank 0's node."""
     path = os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume
     ckpt = None
     if args.resume != "none" and (args.resume != "auto" or os.path.isfile(path)) and dist_rank() == 0:
@@ -1185,10 +1187,11 @@ class Run:
         self.nonfinite = self.nonfinite + 1 if bad.item() else 0
         fp16 = self.scaler.is_enabled()
         if self.nonfinite and (not fp16 or self.nonfinite >= self.NONFINITE_PATIENCE):
-            fail(f"the loss is {float(loss.detach().float().mean())} at step {self.step}" + (f" ({self.nonfinite} log steps "
-                 f"in a row under fp16 loss scaling)" if fp16 else "") + "; training diverged, most likely a learning rate "
-                 f"too high for this batch ({self.optimizer.param_groups[0]['lr']:.4g}): lower --lr (or try --amp "
-                 "bf16/off). The last checkpoint, written before it, is kept")
+            fail(f"the loss is {float(loss.detach().float().mean())} at step {self.step}"
+                 + (f" ({self.nonfinite} log steps in a row under fp16 loss scaling)" if fp16 else "")
+                 + f"; training diverged, most likely a learning rate too high for this batch "
+                 f"({self.optimizer.param_groups[0]['lr']:.4g}): lower --lr (or try --amp bf16/off). "
+                 "The last checkpoint, written before it, is kept")
 
     def end_epoch(self):
         args, ctx = self.args, self.ctx
@@ -1368,7 +1371,6 @@ def load_strict(module, state, what, hint=""):
         fail(f"{what} does not fit this model ({text.count('size mismatch')} shape mismatches"
              f"{', missing keys' if 'Missing key' in text else ''}{', unexpected keys' if 'Unexpected key' in text else ''})"
              + (hint or "; was it trained with another --arch, --image-size or method?"))
-
 
 def claim_out(args, ctx):
     """Rank 0: create --out, take its lock, remove what a killed save left, write args.json."""
