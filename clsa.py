@@ -65,6 +65,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 
 import common
 
@@ -178,30 +179,30 @@ STRONG_OPS = {
         "ShearY": (common.shear_y, -0.3, 0.3, False, False),
         "TranslateX": (_translate_x, -0.3, 0.3, False, False),
         "TranslateY": (_translate_y, -0.3, 0.3, False, False),
-        "Rotate": (common.rotate, -30.0, 30.0, False, False),
+        "Rotate": (TF.rotate, -30.0, 30.0, False, False),
         "AutoContrast": (common.auto_contrast, None, None, False, False),
         "Invert": (common.invert, None, None, False, False),
         "Equalize": (common.equalize, None, None, False, False),
-        "Solarize": (common.solarize, 0.0, 256.0, False, False),
-        "Posterize": (common.posterize, 4, 8, True, False),
-        "Contrast": (common.contrast, 0.05, 0.95, False, False),
-        "Color": (common.color, 0.05, 0.95, False, False),
-        "Brightness": (common.brightness, 0.05, 0.95, False, False),
-        "Sharpness": (common.sharpness, 0.05, 0.95, False, False),
+        "Solarize": (TF.solarize, 0.0, 256.0, False, False),
+        "Posterize": (TF.posterize, 4, 8, True, False),
+        "Contrast": (TF.adjust_contrast, 0.05, 0.95, False, False),
+        "Color": (TF.adjust_saturation, 0.05, 0.95, False, False),
+        "Brightness": (TF.adjust_brightness, 0.05, 0.95, False, False),
+        "Sharpness": (TF.adjust_sharpness, 0.05, 0.95, False, False),
     },
     "authors": {
         "AutoContrast": (common.auto_contrast, None, None, False, False),
-        "Brightness": (common.brightness, 0.05, 0.95, False, False),
-        "Color": (common.color, 0.05, 0.95, False, False),
-        "Contrast": (common.contrast, 0.05, 0.95, False, False),
+        "Brightness": (TF.adjust_brightness, 0.05, 0.95, False, False),
+        "Color": (TF.adjust_saturation, 0.05, 0.95, False, False),
+        "Contrast": (TF.adjust_contrast, 0.05, 0.95, False, False),
         "Equalize": (common.equalize, None, None, False, False),
         "Identity": (common.identity, None, None, False, False),
-        "Posterize": (common.posterize, 4, 8, True, False),
-        "Rotate": (common.rotate, 0, 30, True, True),
-        "Sharpness": (common.sharpness, 0.05, 0.95, False, False),
+        "Posterize": (TF.posterize, 4, 8, True, False),
+        "Rotate": (TF.rotate, 0, 30, True, True),
+        "Sharpness": (TF.adjust_sharpness, 0.05, 0.95, False, False),
         "ShearX": (common.shear_x, 0.0, 0.3, False, True),
         "ShearY": (common.shear_y, 0.0, 0.3, False, True),
-        "Solarize": (common.solarize, 256, 0, True, False),
+        "Solarize": (TF.solarize, 256, 0, True, False),
         "TranslateX": (_translate_x, 0.0, 0.3, False, True),
         "TranslateY": (_translate_y, 0.0, 0.3, False, True),
     },

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from torchvision.models.resnet import BasicBlock
 
 USAGE, RUNTIME = 2, 1  # exit codes: a wrong command line (argparse's convention), a fault found while running
@@ -460,23 +460,17 @@ class RandomPILBlur:
         return img.filter(ImageFilter.GaussianBlur(radius=s))
 
 # AutoAugment/RandAugment pixel ops (Cubuk et al.) on PIL images: (img, v) -> img, v in the op's own unit;
-# geometric ops fill uncovered pixels with black, as PIL does. Which ops a method draws, over which ranges and
-# signs, is in its own file (CLSA's strong views; DSSL's heavy views, with its own SolarizeAdd and Cutout).
+# geometric ops fill uncovered pixels with black, as PIL does. The ops with a value torchvision has in this
+# form (TF.rotate, solarize, posterize, adjust_saturation/contrast/brightness/sharpness) are used as they are.
+# Which ops a method draws, over which ranges and signs, is in its own file (CLSA's strong views; DSSL's).
 def identity(img, v=None): return img
 def shear_x(img, v): return img.transform(img.size, Image.AFFINE, (1, v, 0, 0, 1, 0))       # (x, y) reads (x + v*y, y)
 def shear_y(img, v): return img.transform(img.size, Image.AFFINE, (1, 0, 0, v, 1, 0))       # (x, y) reads (x, y + v*x)
 def translate_x(img, v): return img.transform(img.size, Image.AFFINE, (1, 0, -v, 0, 1, 0))  # content v px right
 def translate_y(img, v): return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, -v))  # content v px down
-def rotate(img, v): return img.rotate(v)                                                     # v degrees counter-clockwise
 def auto_contrast(img, v=None): return ImageOps.autocontrast(img)
 def equalize(img, v=None): return ImageOps.equalize(img)
 def invert(img, v=None): return ImageOps.invert(img)
-def solarize(img, v): return ImageOps.solarize(img, v)             # invert values >= v (256: none, 0: all)
-def posterize(img, v): return ImageOps.posterize(img, int(v))      # keep the v most significant bits (1-8)
-def color(img, v): return ImageEnhance.Color(img).enhance(v)       # saturation factor (0 grey, 1 unchanged)
-def contrast(img, v): return ImageEnhance.Contrast(img).enhance(v)
-def brightness(img, v): return ImageEnhance.Brightness(img).enhance(v)
-def sharpness(img, v): return ImageEnhance.Sharpness(img).enhance(v)
 
 def save_views(args, views, ctx):
     """--save-views: a PNG grid, a row per image: the original (fitted to the cell), then the very view tensors

@@ -247,14 +247,14 @@ class HeavyRandAugment:
         "AutoContrast": (common.auto_contrast, 0, 1, False),
         "Equalize": (common.equalize, 0, 1, False),
         "Invert": (common.invert, 0, 1, False),
-        "Rotate": (common.rotate, 0, 30, True),                                     # degrees
-        "Posterize": (lambda img, v: common.posterize(img, max(1, int(v))), 0, 4, False),  # bits kept, at least 1
-        "Solarize": (common.solarize, 0, 256, False),                               # threshold
-        "SolarizeAdd": (solarize_add, 0, 110, False),                               # added, then solarize at 128
-        "Color": (common.color, 0.1, 1.9, False),                                   # enhance factors
-        "Contrast": (common.contrast, 0.1, 1.9, False),
-        "Brightness": (common.brightness, 0.1, 1.9, False),
-        "Sharpness": (common.sharpness, 0.1, 1.9, False),
+        "Rotate": (TF.rotate, 0, 30, True),                                        # degrees
+        "Posterize": (lambda img, v: TF.posterize(img, max(1, int(v))), 0, 4, False),  # bits kept, at least 1
+        "Solarize": (TF.solarize, 0, 256, False),                                  # threshold
+        "SolarizeAdd": (solarize_add, 0, 110, False),                              # added, then solarize at 128
+        "Color": (TF.adjust_saturation, 0.1, 1.9, False),                          # enhance factors
+        "Contrast": (TF.adjust_contrast, 0.1, 1.9, False),
+        "Brightness": (TF.adjust_brightness, 0.1, 1.9, False),
+        "Sharpness": (TF.adjust_sharpness, 0.1, 1.9, False),
         "ShearX": (common.shear_x, 0.0, 0.3, True),
         "ShearY": (common.shear_y, 0.0, 0.3, True),
         "CutoutAbs": (lambda img, v: cutout(img, v, fill=(125, 123, 114)), 0, 40, False),  # side in px; their fill
