@@ -756,13 +756,12 @@ def choose_amp(amp, device, warn=True):
         if amp == "fp16":
             fail("--amp fp16 needs a CUDA GPU; use --amp bf16 or off on the CPU", USAGE)
         return torch.bfloat16 if amp == "bf16" else None
-    native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+    cc = torch.cuda.get_device_capability(device)
     if amp == "auto":
-        return torch.bfloat16 if native_bf16 else torch.float16
-    if amp == "bf16" and not native_bf16 and warn:
-        name, cc = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
-        print(f"warning: {name} (compute capability {cc[0]}.{cc[1]}) has no native bf16: it is emulated and slow; "
-              "--amp fp16 (or auto) uses the tensor cores", file=sys.stderr, flush=True)
+        return torch.bfloat16 if cc >= (8, 0) else torch.float16
+    if amp == "bf16" and cc < (8, 0) and warn:
+        print(f"warning: {torch.cuda.get_device_name(device)} (compute capability {cc[0]}.{cc[1]}) has no native bf16: "
+              "it is emulated and slow; --amp fp16 (or auto) uses the tensor cores", file=sys.stderr, flush=True)
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 def teardown():  # leave the process group together: no rank leaves while rank 0 still saves
@@ -896,7 +895,6 @@ def split_bn(module, splits):  # every BatchNorm1d/2d in `module` becomes a Spli
             setattr(module, name, SplitBatchNorm(child, splits))
         else:
             split_bn(child, splits)
-    return module
 
 
 # ===========================================================================
@@ -924,8 +922,7 @@ class TrainSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(epoch_seed % 2**63)
         order = torch.randperm(self.n, generator=g)[: self.steps * self.batch].view(self.steps, self.batch)
         mine = order[self.start_step:, self.rank * self.local:(self.rank + 1) * self.local].reshape(-1)
-        base = epoch_seed * self.n
-        return iter([(i, base + i) for i in mine.tolist()])
+        return iter([(i, epoch_seed * self.n + i) for i in mine.tolist()])
 
     def __len__(self): return (self.steps - self.start_step) * self.local
 
@@ -940,12 +937,9 @@ class SeededViews(torch.utils.data.Dataset):
     def __getitem__(self, key):
         i, seed = key
         img, label = self.ds[i]
-        state = torch.get_rng_state()
-        torch.default_generator.manual_seed(seed % 2**63)  # CPU only: torch.manual_seed would seed every GPU too (100x slower)
-        try:
+        with torch.random.fork_rng(devices=[]):  # CPU only: torch.manual_seed would seed every GPU too (100x slower)
+            torch.default_generator.manual_seed(seed % 2**63)
             return self.transform(img), label
-        finally:
-            torch.set_rng_state(state)
 
 def train_loader(ds, transform, batch_size, workers, seed, ctx):
     """Loader over a GLOBAL batch size: batches of (transform's output, e.g. views; labels)."""
@@ -1229,7 +1223,6 @@ def fail(message, code=RUNTIME):
 
 def one_line_errors(parser):  # argparse's usage-plus-message errors as one line
     parser.error = lambda message: fail(f"{parser.prog}: {message} (see --help)", USAGE)
-    return parser
 
 def install_error_hook(args, world, amp_dtype, flag="batch_size"):
     """Errors no line of ours catches: CUDA out of memory ends in one line saying what to change (`flag`: the
@@ -1356,7 +1349,7 @@ def load_checkpoint(path, hint=""):
         fail(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict or a state dict")
     return ckpt
 
-def load_strict(module, state, what, hint=""):
+def load_strict(module, state, what):
     """load_state_dict(strict=True) failing in one sentence, not a page of keys."""
     try:
         module.load_state_dict(state, strict=True)
@@ -1364,7 +1357,7 @@ def load_strict(module, state, what, hint=""):
         text = str(e)
         fail(f"{what} does not fit this model ({text.count('size mismatch')} shape mismatches"
              f"{', missing keys' if 'Missing key' in text else ''}{', unexpected keys' if 'Unexpected key' in text else ''})"
-             + (hint or "; was it trained with another --arch, --image-size or method?"))
+             "; was it trained with another --arch, --image-size or method?")
 
 def claim_out(args, ctx):
     """Rank 0: create --out, take its lock, remove what a killed save left, write args.json."""
