@@ -61,13 +61,10 @@ class SmallResNet(nn.Module):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0])
         self.relu, self.maxpool = nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
-        stages, c_in = [], widths[0]
-        for i, c_out in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            down = None if stride == 1 and c_in == c_out else nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-            stages.append(BasicBlock(c_in, c_out, stride, down))
-            c_in = c_out
+        stages = [BasicBlock(widths[0], widths[0])]  # then each stage halves the size, with a 1x1 stride-2 shortcut
+        for c_in, c_out in zip(widths, widths[1:]):
+            down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, 2, bias=False), nn.BatchNorm2d(c_out))
+            stages.append(BasicBlock(c_in, c_out, 2, down))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(widths[-1], 1000)  # fc as torchvision's; resnet() drops it
 
@@ -277,8 +274,7 @@ def _image_files(top):
         real = {d: os.path.realpath(os.path.join(folder, d)) for d in dirs if not d.startswith(".")}
         dirs[:] = sorted(d for d in real if real[d] not in within[folder])
         within.update((os.path.join(folder, d), within[folder] + (real[d],)) for d in dirs)
-        rel = os.path.relpath(folder, top)
-        depth = () if rel == "." else tuple(rel.split(os.sep))
+        depth = tuple(d for d in os.path.relpath(folder, top).split(os.sep) if d != ".")  # () for top itself
         files += [(os.path.join(folder, n), depth) for n in sorted(names) if _is_image(os.path.join(folder, n))]
     return files
 
@@ -375,14 +371,13 @@ def dataset(name, root, train, download=True, image_size=32, pretrain=False):
 def subset(ds, n): return ds if n is None or n >= len(ds) else torch.utils.data.Subset(ds, range(n))  # --subset
 
 def load_data(args, ctx):
-    """Data(pretrain, train, test) for --data, --subset applied to the training sets.
-    DDP: one download per file system: rank 0, then each node's first process, then the rest."""
+    """Data(pretrain, train, test) for --data, --subset applied to the training sets. DDP: each process
+    loads in one turn, one download per file system: rank 0, then each node's first process, then the rest."""
     def load():
         pretrain = dataset(args.data, args.data_dir, True, args.download, args.image_size, pretrain=True)
         train = dataset(args.data, args.data_dir, True, False, args.image_size) if args.data == "stl10" else pretrain
         test = dataset(args.data, args.data_dir, False, args.download, args.image_size)
         return Data(subset(pretrain, args.subset), subset(train, args.subset), test)
-    out = None
     for turn in (ctx.main, ctx.local_rank == 0 and not ctx.main, ctx.local_rank != 0 and not ctx.main):
         if turn:
             out = load()
@@ -536,8 +531,7 @@ def extract_features(backbone, ds, transform, ctx, data, batch_size=256, workers
     loader = torch.utils.data.DataLoader(SeededViews(torch.utils.data.Subset(ds, shard), transform),
                                          batch_size=batch_size, num_workers=workers, worker_init_fn=ignore_stop_signals,
                                          sampler=[(i, 0) for i in range(len(shard))], pin_memory=ctx.device.type == "cuda")
-    feats = labels = None
-    done = 0
+    feats, labels, done = None, None, 0
     for x, y in fail_on_bad_images(loader):
         with ctx.autocast():
             h = backbone(normalize_on_device(x, ctx, data, channels_last))
@@ -668,17 +662,13 @@ def add_base_args(parser):
 def apply_recipe(args, method, recipe):
     """Flags left at None from `recipe` ({flag: value} for this data set) and the data set; explicit flags win."""
     args.method = method
-    if args.image_size is None:
-        args.image_size = DATA_INFO[args.data]["image_size"]
-    for name, value in recipe.items():
+    by_data = dict(image_size=DATA_INFO[args.data]["image_size"], knn_every=0 if args.data in LARGE_DATA else 10,
+                   out=os.path.join("runs", f"{method}-{args.data}"))
+    for name, value in {**by_data, **recipe}.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
-    if args.knn_every is None:
-        args.knn_every = 0 if args.data in LARGE_DATA else 10
     if args.workers is None:
         args.workers = default_workers()
-    if args.out is None:
-        args.out = os.path.join("runs", f"{method}-{args.data}")
     if args.image_size < 16:
         fail(f"--image-size {args.image_size} is too small for a ResNet; use at least 16", USAGE)
     return args
