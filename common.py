@@ -55,7 +55,7 @@ USAGE, RUNTIME = 2, 1  # exit codes: a wrong command line (argparse's convention
 # 1. Backbones: torchvision ResNets with `fc` removed, h = f(x) of shape [B, dim]
 
 class SmallResNet(nn.Module):
-    """ResNet-18's layout at widths 16-32-64-128 (0.7M parameters): CPU smoke runs and tests."""
+    """ResNet-18's layout at widths 16-32-64-128, one block per stage (0.3M parameters): CPU smoke runs and tests."""
 
     def __init__(self, widths=(16, 32, 64, 128)):
         super().__init__()
