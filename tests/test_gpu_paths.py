@@ -177,6 +177,20 @@ def test_host_to_device_copies_from_pinned_memory_without_blocking(monkeypatch):
     assert calls == [("cpu", {})]
 
 
+def test_seeded_views_touch_only_the_cpu_generator(monkeypatch):
+    """CUDA emulated, 2 GPUs: a view is drawn under the CPU generator alone, seeded and restored without a
+    CUDA call (a loader worker forked from a CUDA process must not use CUDA; seeding every GPU costs 100x)."""
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("drawing a view called into CUDA")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name in ("get_rng_state", "set_rng_state", "manual_seed", "manual_seed_all", "init"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    views = common.SeededViews([(None, 0)], lambda img: torch.rand(3))
+    state = torch.get_rng_state()
+    assert torch.equal(views[(0, 5)][0], views[(0, 5)][0]) and not torch.equal(views[(0, 5)][0], views[(0, 6)][0])
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 # ---------------------------------------------------------------------------
 # SplitBatchNorm under channels-last
 # ---------------------------------------------------------------------------
