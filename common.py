@@ -1218,15 +1218,13 @@ def install_error_hook(args, world, amp_dtype, flag="batch_size"):
     """Errors no line of ours catches: CUDA out of memory ends in one line saying what to change (`flag`: the
     args entry of the batch that runs); under torchrun, a lost peer in silence (_peer_lost). Plain values,
     never ctx: a reference to the process group from sys would keep gloo's threads alive."""
-    sys.excepthook = functools.partial(_error_hook, getattr(sys.excepthook, "default", sys.excepthook),
-                                       args, world, amp_dtype, flag)
-    sys.excepthook.default = sys.excepthook.args[0]  # set up twice (evaluate.py, tests): wrap the original once
+    sys.excepthook = functools.partial(_error_hook, args, world, amp_dtype, flag)
 
-def _error_hook(default, args, world, amp_dtype, flag, kind, error, tb):
+def _error_hook(args, world, amp_dtype, flag, kind, error, tb):
     if world > 1 and (isinstance(error, dist.DistError) or "by peer" in str(error)):
         return _peer_lost()
     if not isinstance(error, torch.OutOfMemoryError):
-        return default(kind, error, tb)
+        return sys.__excepthook__(kind, error, tb)  # Python's own traceback
     batch, name = getattr(args, flag, None), "--" + flag.replace("_", "-")
     training = hasattr(args, "method") or flag != "batch_size"  # a global batch; evaluate.py's --batch-size: per process
     where = (f"at {batch // world} images per GPU ({name} {batch} over {world} process(es))" if training
